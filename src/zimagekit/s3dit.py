@@ -1,0 +1,629 @@
+"""S3-DiT: the Scalable Single-Stream Diffusion Transformer of Z-Image (arXiv 2511.22699, §3).
+
+Read top to bottom beside the paper. One sequence carries image and caption tokens through
+every main block ("single stream"); only the first two blocks of each modality are
+modality-specific (`noise_refiner` for image tokens, `context_refiner` for caption tokens).
+
+Conventions (the traps, ../docs spec §2 and "five facts"):
+
+* Time: the model takes ``t = 1 - sigma`` (0 = pure noise, 1 = clean) and predicts
+  ``v = x_data - x_noise`` (paper eq. 1). The sampler negates it for its Euler step in sigma.
+* Timestep features: ``t * t_scale`` through a 256-d sinusoid laid out **[cos, sin]**.
+* Modulation: four chunks (scale_msa, gate_msa, scale_mlp, gate_mlp), no shift, scales
+  ``1 + s``, gates ``tanh``; the context refiner is unmodulated.
+* Padding: caption and image tokens are padded to multiples of 32 with learned pad tokens
+  that **are attended** (only padding between samples of a batch is masked).
+* RoPE: 3 axes (caption/"time", H, W), interleaved complex pairs, theta 256, applied after
+  the per-head RMSNorm of q and k.
+
+Storage: q/k/v live in one fused ``attention.qkv`` Linear and w1/w3 in one fused
+``feed_forward.w13`` Linear (one GEMM each instead of three and two). ``state_dict()`` and
+``load_state_dict()`` still speak the Hugging Face names (``attention.to_q.weight``,
+``feed_forward.w1.weight``, ...) through per-module hooks, so checkpoints are exactly those
+of diffusers' ``ZImageTransformer2DModel``; the key mapping lives in :mod:`zimagekit.weights`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ZImageKitError
+
+ADALN_EMBED_DIM = 256  # width of the conditioning vector c (the "low-rank" adaLN of §3.1)
+SEQ_MULTI_OF = 32  # captions and images are padded to a multiple of this many tokens
+T_FREQ_DIM = 256  # sinusoidal timestep features
+T_MLP_HIDDEN = 1024
+QK_NORM_EPS = 1e-5  # the reference hard-codes this, whatever norm_eps says
+
+
+# ----------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class S3DiTConfig:
+    """Mirrors the fields of Z-Image-Turbo's ``transformer/config.json``."""
+
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    # Kept for checkpoint compatibility; like the reference, attention is plain multi-head.
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+    axes_lens: tuple[int, ...] = (1536, 512, 512)
+
+    def __post_init__(self):
+        for name in ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"):
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.dim % self.n_heads:
+            raise ZImageKitError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if sum(self.axes_dims) != self.head_dim:
+            raise ZImageKitError(
+                f"axes_dims {list(self.axes_dims)} sum to {sum(self.axes_dims)}, but the head "
+                f"dimension is dim/n_heads = {self.head_dim}; make them add up"
+            )
+        if any(d % 2 for d in self.axes_dims):
+            raise ZImageKitError(f"every entry of axes_dims {list(self.axes_dims)} must be even (RoPE rotates pairs)")
+        if len(self.axes_dims) != len(self.axes_lens):
+            raise ZImageKitError("axes_dims and axes_lens must have the same length")
+        if len(self.all_patch_size) != len(self.all_f_patch_size):
+            raise ZImageKitError("all_patch_size and all_f_patch_size must have the same length")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.dim / 3 * 8)  # SwiGLU hidden width of the reference, 10240 at dim 3840
+
+    @property
+    def adaln_dim(self) -> int:
+        return min(self.dim, ADALN_EMBED_DIM)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "S3DiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        # The Omni/Edit variants add SigLIP tokens; the text-to-image model writes it as null.
+        if d.pop("siglip_feat_dim", None) is not None:
+            raise ZImageKitError(f"{source}: siglip_feat_dim is set (Omni/Edit model); only text-to-image S3-DiT is supported")
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ZImageKitError(
+                f"{source}: unknown field(s) {unknown}; S3DiTConfig accepts {sorted(known)}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "S3DiTConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ZImageKitError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise ZImageKitError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise ZImageKitError(f"{path}: expected a JSON object of config fields")
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def preset(cls, name: str) -> "S3DiTConfig":
+        try:
+            return cls(**PRESETS[name])
+        except KeyError:
+            raise ZImageKitError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+PRESETS: dict[str, dict] = {
+    # The released 6.15B model (Z-Image and Z-Image-Turbo share the transformer config).
+    "z-image-turbo": dict(),
+    # A few million parameters: tests and CPU experiments.
+    "tiny": dict(dim=256, n_layers=4, n_refiner_layers=2, n_heads=4, n_kv_heads=4, cap_feat_dim=64,
+                 axes_dims=(16, 24, 24), axes_lens=(1024, 128, 128)),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose variance is taken in fp32 (as diffusers'); the result is cast to the
+    weight's dtype before the scale, so bf16 weights give bf16 activations."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given.
+
+    This is the reference's complex multiply ``(x0 + i x1)(cos + i sin)`` done in real
+    arithmetic (fp32, like the reference), which compilers can fuse.
+    x: (B, L, H, D); cos, sin: (B, L, 1, D/2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with per-head QK RMSNorm and 3-axis RoPE.
+
+    q, k and v come from one fused projection; checkpoints store them as to_q/to_k/to_v.
+    """
+
+    def __init__(self, dim: int, n_heads: int, qk_norm: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        head_dim = dim // n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+        self.norm_q = RMSNorm(head_dim, QK_NORM_EPS) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim, QK_NORM_EPS) if qk_norm else None
+
+    def forward(self, x, rope, mask):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).unbind(2)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # mask: (B, 1, 1, L) boolean key mask, or None when the batch needs none.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU ``w2(silu(w1 h) * w3 h)`` with w1 and w3 fused into one projection."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x):
+        h1, h3 = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(h1) * h3)
+
+
+class TransformerBlock(nn.Module):
+    """One S3-DiT block with sandwich norm (pre- and post-norm around each sublayer).
+
+    Modulated: ``x += tanh(g_msa) * norm2(attn(norm1(x) * (1 + s_msa)))`` and the same for
+    the FFN; c goes into ``adaLN_modulation`` without an activation. Unmodulated (context
+    refiner): the same without scale and gate.
+    """
+
+    def __init__(self, cfg: S3DiTConfig, modulation: bool):
+        super().__init__()
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.qk_norm)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
+
+    def forward(self, x, rope, mask, c=None):
+        if self.modulation:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
+            attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope, mask)
+            x = x + gate_msa.tanh() * self.attention_norm2(attn)
+            ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
+            return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+
+class TimestepEmbedder(nn.Module):
+    """t -> c: 256-d sinusoid of ``t * t_scale`` laid out [cos, sin], then 256 -> 1024 -> 256."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(T_FREQ_DIM, T_MLP_HIDDEN), nn.SiLU(), nn.Linear(T_MLP_HIDDEN, out_dim))
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, max_period: float = 10000.0) -> torch.Tensor:
+        half = T_FREQ_DIM // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first: the reference's order
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) scaled by ``1 + Linear(SiLU(c))``, then a Linear to patch pixels.
+    No shift and no gate."""
+
+    def __init__(self, dim: int, adaln_dim: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x, c):
+        return self.linear(self.norm_final(x) * (1.0 + self.adaLN_modulation(c).unsqueeze(1)))
+
+
+# ----------------------------------------------------------------------------------------
+# Token layout: padding, positions, RoPE tables and masks for one batch shape
+# ----------------------------------------------------------------------------------------
+
+
+def _round_up(n: int) -> int:
+    return n + (-n) % SEQ_MULTI_OF
+
+
+@dataclass
+class _Layout:
+    """Everything about a batch that depends only on its shapes, built once per shape.
+
+    Streams are padded per sample to multiples of 32 (pads are real, attended tokens) and
+    then to the batch maximum (masked). Index tensors gather the padded streams from the
+    flat embedded rows, so the forward pass has no per-sample Python loops.
+    """
+
+    img_tokens: list[int]  # real image tokens per sample
+    img_grid: list[tuple[int, int, int]]  # (F, H, W) token grid per sample
+    img_gather: torch.Tensor  # (B*Lx,) rows of [embedded image rows; x_pad_token]
+    cap_gather: torch.Tensor  # (B*Lc,) rows of [embedded caption rows; cap_pad_token]
+    uni_gather: torch.Tensor | None  # (B*Lu,) rows of [image stream; caption stream], None = plain concat
+    img_rope: tuple[torch.Tensor, torch.Tensor]
+    cap_rope: tuple[torch.Tensor, torch.Tensor]
+    uni_rope: tuple[torch.Tensor, torch.Tensor]
+    img_mask: torch.Tensor | None
+    cap_mask: torch.Tensor | None
+    uni_mask: torch.Tensor | None
+
+
+class _RopeTables:
+    """Per-axis angle tables ``pos * theta^(-2k/d)`` (angles in float64, cast to fp32 as the
+    reference does), looked up by integer (t, h, w) positions."""
+
+    def __init__(self, cfg: S3DiTConfig, device: torch.device):
+        self.axes_lens = cfg.axes_lens
+        self.tables = []
+        for d, n in zip(cfg.axes_dims, cfg.axes_lens):
+            freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            angles = torch.outer(torch.arange(n, dtype=torch.float64), freqs).float()
+            self.tables.append(angles.to(device))
+
+    def __call__(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos: (..., n_axes) int64 -> cos, sin of shape (..., 1, head_dim/2)."""
+        for axis, n in enumerate(self.axes_lens):
+            top = int(pos[..., axis].max())
+            if top >= n:
+                raise ZImageKitError(
+                    f"RoPE position {top} on axis {axis} exceeds axes_lens[{axis}]={n}: the caption is "
+                    "too long or the image too large for this model; shorten the prompt or the size"
+                )
+        angles = torch.cat([tab[pos[..., a]] for a, tab in enumerate(self.tables)], dim=-1).unsqueeze(-2)
+        return angles.cos(), angles.sin()
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int, fill) -> torch.Tensor:
+    return torch.stack([torch.cat([r, r.new_full((length - len(r), *r.shape[1:]), fill)]) for r in rows])
+
+
+def _key_mask(lengths: list[int], device) -> torch.Tensor | None:
+    """Boolean key mask (B, 1, 1, L) hiding only padding *between* samples, or None."""
+    L = max(lengths)
+    if all(n == L for n in lengths):
+        return None
+    return (torch.arange(L, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
+
+
+def build_layout(cfg, rope: _RopeTables, grids, cap_lens, device) -> _Layout:
+    """Token layout of a batch: ``grids`` are per-sample (F, H, W) token grids, ``cap_lens``
+    per-sample caption lengths (unpadded)."""
+    B = len(grids)
+    img_n = [f * h * w for f, h, w in grids]
+    img_np = [_round_up(n) for n in img_n]
+    cap_np = [_round_up(n) for n in cap_lens]
+    Lx, Lc = max(img_np), max(cap_np)
+    uni_n = [a + b for a, b in zip(img_np, cap_np)]
+    Lu = max(uni_n)
+
+    # Gather indices: each row of a padded stream points at an embedded row or at the pad
+    # token (the extra last row); batch padding reuses the pad row and is masked anyway.
+    def gather(real, padded, total_real, L):
+        idx, start = [], 0
+        for n, npad in zip(real, padded):
+            idx.append(torch.cat([torch.arange(start, start + n), torch.full((L - n,), total_real)]))
+            start += n
+        return torch.cat(idx).to(device)
+
+    # Positions (spec §2 steps 2-3): caption token j -> (1 + j, 0, 0) for its pads too;
+    # image token (f, h, w) -> (cap_padded + 1 + f, h, w); image pads -> (0, 0, 0).
+    cap_pos, img_pos = [], []
+    for (f, h, w), n, npad, cpad in zip(grids, img_n, img_np, cap_np):
+        cp = torch.zeros(cpad, 3, dtype=torch.long)
+        cp[:, 0] = torch.arange(1, cpad + 1)
+        cap_pos.append(cp)
+        grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 3)
+        grid[:, 0] += cpad + 1
+        img_pos.append(torch.cat([grid, torch.zeros(npad - n, 3, dtype=torch.long)]))
+    uni_pos = [torch.cat([ip, cp]) for ip, cp in zip(img_pos, cap_pos)]
+
+    if all(n == Lx for n in img_np) and all(n == Lc for n in cap_np):
+        uni_gather = None  # every sample is [Lx image rows, Lc caption rows]: a plain concat
+    else:
+        idx = []
+        for i, (a, b) in enumerate(zip(img_np, cap_np)):
+            rows = torch.cat([torch.arange(i * Lx, i * Lx + a), B * Lx + torch.arange(i * Lc, i * Lc + b)])
+            idx.append(torch.cat([rows, rows.new_zeros(Lu - len(rows))]))  # batch pad: any row, masked
+        uni_gather = torch.cat(idx).to(device)
+
+    def table(pos, L):
+        return rope(_pad_stack(pos, L, 0).to(device))
+
+    return _Layout(
+        img_tokens=img_n,
+        img_grid=list(grids),
+        img_gather=gather(img_n, img_np, sum(img_n), Lx),
+        cap_gather=gather(list(cap_lens), cap_np, sum(cap_lens), Lc),
+        uni_gather=uni_gather,
+        img_rope=table(img_pos, Lx),
+        cap_rope=table(cap_pos, Lc),
+        uni_rope=table(uni_pos, Lu),
+        img_mask=_key_mask(img_np, device),
+        cap_mask=_key_mask(cap_np, device),
+        uni_mask=_key_mask(uni_n, device),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------
+
+
+class S3DiT(nn.Module):
+    """The Z-Image transformer. ``model(x, t, cap_feats)`` is a drop-in for diffusers'
+    ``ZImageTransformer2DModel(x, t, cap_feats).sample``.
+
+    Args of ``forward``:
+        x: list of (C, F, H, W) latents (sizes may differ), or a (B, C, F, H, W) tensor
+           when all share a size (faster; then a tensor is returned).
+        t: (B,) time in the Z-Image convention, t = 1 - sigma (0 = noise, 1 = clean).
+        cap_feats: list of (L_i, cap_feat_dim) caption features, or a (B, L, cap_feat_dim)
+           tensor when all captions have the same length.
+    Returns the prediction x_data - x_noise in the type and shapes of ``x``.
+    """
+
+    _LAYOUT_CACHE_SIZE = 16
+
+    def __init__(self, config: S3DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.all_x_embedder = nn.ModuleDict()
+        self.all_final_layer = nn.ModuleDict()
+        for p, pf in zip(cfg.all_patch_size, cfg.all_f_patch_size):
+            patch_dim = pf * p * p * cfg.in_channels
+            self.all_x_embedder[f"{p}-{pf}"] = nn.Linear(patch_dim, cfg.dim)
+            self.all_final_layer[f"{p}-{pf}"] = FinalLayer(cfg.dim, cfg.adaln_dim, patch_dim)
+        self.noise_refiner = nn.ModuleList([TransformerBlock(cfg, modulation=True) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([TransformerBlock(cfg, modulation=False) for _ in range(cfg.n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        # Learned pad tokens, zero-initialised as in diffusers.
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.layers = nn.ModuleList([TransformerBlock(cfg, modulation=True) for _ in range(cfg.n_layers)])
+        self.gradient_checkpointing = False
+        self._rope: _RopeTables | None = None
+        self._layouts: OrderedDict = OrderedDict()
+        from .weights import register_hf_key_hooks
+
+        register_hf_key_hooks(self)
+
+    # -- layout cache ---------------------------------------------------------------------
+
+    def _layout(self, grids, cap_lens, device) -> _Layout:
+        key = (tuple(grids), tuple(cap_lens), str(device))
+        layout = self._layouts.get(key)
+        if layout is None:
+            if self._rope is None or self._rope.tables[0].device != torch.device(device):
+                self._rope = _RopeTables(self.config, device)
+            layout = build_layout(self.config, self._rope, grids, cap_lens, device)
+            self._layouts[key] = layout
+            if len(self._layouts) > self._LAYOUT_CACHE_SIZE:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return layout
+
+    # -- patchify ---------------------------------------------------------------------------
+
+    @staticmethod
+    def patchify(x: torch.Tensor, p: int, pf: int) -> torch.Tensor:
+        """(..., C, F, H, W) -> (..., F/pf * H/p * W/p, pf*p*p*C): tokens in (f, h, w)
+        row-major order, features (pf, ph, pw, c) with channels fastest (not Flux's order)."""
+        *lead, C, Fr, H, W = x.shape
+        x = x.reshape(*lead, C, Fr // pf, pf, H // p, p, W // p, p)
+        n = len(lead)
+        x = x.permute(*range(n), n + 1, n + 3, n + 5, n + 2, n + 4, n + 6, n)
+        return x.reshape(*lead, (Fr // pf) * (H // p) * (W // p), pf * p * p * C)
+
+    @staticmethod
+    def unpatchify(tokens: torch.Tensor, grid, p: int, pf: int, C: int) -> torch.Tensor:
+        """Inverse of :meth:`patchify` for tokens (..., N, pf*p*p*C) on grid (F', H', W')."""
+        *lead, _, _ = tokens.shape
+        f, h, w = grid
+        n = len(lead)
+        x = tokens.reshape(*lead, f, h, w, pf, p, p, C)
+        x = x.permute(*range(n), n + 6, n, n + 3, n + 1, n + 4, n + 2, n + 5)
+        return x.reshape(*lead, C, f * pf, h * p, w * p)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _check_inputs(self, x, t, cap_feats, p, pf):
+        cfg = self.config
+        if f"{p}-{pf}" not in self.all_x_embedder:
+            raise ZImageKitError(f"patch size {p}-{pf} is not one of this model's {list(self.all_x_embedder)}")
+        if len(x) != len(cap_feats) or len(x) != t.shape[0]:
+            raise ZImageKitError(f"batch sizes differ: {len(x)} latents, {len(cap_feats)} captions, {t.shape[0]} timesteps")
+        for xi in x:
+            if xi.ndim != 4 or xi.shape[0] != cfg.in_channels:
+                raise ZImageKitError(f"each latent must be ({cfg.in_channels}, F, H, W); got {tuple(xi.shape)}")
+            if xi.shape[1] % pf or xi.shape[2] % p or xi.shape[3] % p:
+                raise ZImageKitError(f"latent frames/height/width {tuple(xi.shape[1:])} must be multiples of the patch size {pf}x{p}x{p}")
+        for ci in cap_feats:
+            if ci.ndim != 2 or ci.shape[-1] != cfg.cap_feat_dim or ci.shape[0] == 0:
+                raise ZImageKitError(f"each caption must be (L>0, {cfg.cap_feat_dim}); got {tuple(ci.shape)}")
+
+    def forward(self, x, t, cap_feats, patch_size: int | None = None, f_patch_size: int | None = None):
+        cfg = self.config
+        p = cfg.all_patch_size[0] if patch_size is None else patch_size
+        pf = cfg.all_f_patch_size[0] if f_patch_size is None else f_patch_size
+        batched = torch.is_tensor(x)
+        t = torch.as_tensor(t, device=(x if batched else x[0]).device)
+        if t.ndim == 0:
+            t = t.expand(len(x))
+        self._check_inputs(x, t, cap_feats, p, pf)
+        B = len(x)
+        device, dtype = (x.device, x.dtype) if batched else (x[0].device, x[0].dtype)
+        grids = [(xi.shape[1] // pf, xi.shape[2] // p, xi.shape[3] // p) for xi in x]
+        cap_lens = [ci.shape[0] for ci in cap_feats]
+        lay = self._layout(grids, cap_lens, device)
+
+        c = self.t_embedder(t * cfg.t_scale).to(dtype)
+
+        # Image stream: patchify, embed real rows, gather into the padded (B, Lx, dim) stream.
+        patches = self.patchify(x, p, pf).flatten(0, 1) if batched else torch.cat([self.patchify(xi, p, pf) for xi in x])
+        rows = torch.cat([self.all_x_embedder[f"{p}-{pf}"](patches), self.x_pad_token.to(dtype)])
+        img = rows[lay.img_gather].view(B, -1, cfg.dim)
+        for block in self.noise_refiner:
+            img = self._run(block, img, lay.img_rope, lay.img_mask, c)
+
+        # Caption stream: RMSNorm + Linear, pads become cap_pad_token; unmodulated refiner.
+        caps = cap_feats.flatten(0, 1) if torch.is_tensor(cap_feats) else torch.cat(list(cap_feats))
+        rows = torch.cat([self.cap_embedder(caps), self.cap_pad_token.to(dtype)])
+        cap = rows[lay.cap_gather].view(B, -1, cfg.dim)
+        for block in self.context_refiner:
+            cap = self._run(block, cap, lay.cap_rope, lay.cap_mask, None)
+
+        # Unified single stream: per sample [image tokens, caption tokens].
+        if lay.uni_gather is None:
+            h = torch.cat([img, cap], dim=1)
+        else:
+            h = torch.cat([img.flatten(0, 1), cap.flatten(0, 1)])[lay.uni_gather].view(B, -1, cfg.dim)
+        for block in self.layers:
+            h = self._run(block, h, lay.uni_rope, lay.uni_mask, c)
+
+        # Final layer on image tokens only (the caption outputs would be discarded).
+        out = self.all_final_layer[f"{p}-{pf}"](h[:, : max(lay.img_tokens)], c)
+        if batched:
+            return self.unpatchify(out, grids[0], p, pf, cfg.in_channels)
+        return [self.unpatchify(o[:n], g, p, pf, cfg.in_channels) for o, n, g in zip(out, lay.img_tokens, grids)]
+
+    def _run(self, block, h, rope, mask, c):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, rope, mask, c, use_reentrant=False)
+        return block(h, rope, mask, c)
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load Hugging Face-named weights strictly; a mismatch raises one
+        :class:`ZImageKitError` listing missing, unexpected and wrong-shaped keys."""
+        from .weights import check_state_dict
+
+        check_state_dict(self, state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, config: S3DiTConfig | None = None):
+        """Load a diffusers ``transformer/`` folder (config.json + safetensors, sharded or
+        not) or a ComfyUI single file (fused qkv, original names)."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, config=config)
+
+    def save_pretrained(self, folder, max_shard_size: int = 10 * 2**30):
+        """Write config.json + safetensors (sharded above ``max_shard_size`` bytes) in the
+        layout diffusers' ``ZImageTransformer2DModel.from_pretrained`` reads."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_pad_token.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_pad_token.device
+
+
+# ----------------------------------------------------------------------------------------
+# Parameter counting
+# ----------------------------------------------------------------------------------------
+
+
+def parameter_breakdown(model: S3DiT) -> dict[str, int]:
+    """Parameters by part, counted from the modules (works on the meta device).
+
+    Keys: embedders (x, caption, timestep, pad tokens), the two refiners, the main blocks
+    split into attention / FFN / adaLN / norms, the final layer, and ``total``.
+    """
+    def n(module_or_params) -> int:
+        params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
+        return sum(p.numel() for p in params)
+
+    layers = model.layers
+    out = {
+        "x_embedder": n(model.all_x_embedder),
+        "cap_embedder": n(model.cap_embedder),
+        "t_embedder": n(model.t_embedder),
+        "pad_tokens": model.x_pad_token.numel() + model.cap_pad_token.numel(),
+        "noise_refiner": n(model.noise_refiner),
+        "context_refiner": n(model.context_refiner),
+        "layers.attention": sum(n(b.attention) for b in layers),
+        "layers.feed_forward": sum(n(b.feed_forward) for b in layers),
+        "layers.adaLN_modulation": sum(n(b.adaLN_modulation) for b in layers),
+        "layers.norms": sum(n([b.attention_norm1.weight, b.attention_norm2.weight, b.ffn_norm1.weight, b.ffn_norm2.weight]) for b in layers),
+        "final_layer": n(model.all_final_layer),
+    }
+    out["total"] = sum(out.values())
+    assert out["total"] == n(model), "breakdown misses parameters"
+    return out
