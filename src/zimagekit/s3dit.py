@@ -154,8 +154,8 @@ PRESETS: dict[str, dict] = {
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm whose variance is taken in fp32 (as diffusers'); the result is cast to the
-    weight's dtype before the scale, so bf16 weights give bf16 activations."""
+    """RMSNorm with a learnable scale. Inside the blocks only its weight is used: they call
+    :func:`rms_scale` themselves so the weight can be folded into the adaLN scale or gate."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -163,30 +163,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
+        return x * rms_scale(x, self.eps) * self.weight
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given.
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last dim, accumulated in fp32 (as diffusers'
+    RMSNorm does) and returned in x's dtype, shape (..., 1)."""
+    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+    return torch.rsqrt(ms + eps).to(x.dtype)
 
-    This is the reference's complex multiply ``(x0 + i x1)(cos + i sin)`` done in real
-    arithmetic (fp32, like the reference), which compilers can fuse.
-    x: (B, L, H, D); cos, sin: (B, L, 1, D/2).
-    """
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers x[2i] + i x[2i+1] by the
+    unit complex ``freqs`` (..., D/2), in fp32 like the reference. This is the interleaved
+    convention, not rotate-half. One complex multiply is one pass over x; on CPU it measured
+    ~3.7x faster in fp32 than the same rotation in real cos/sin arithmetic."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with per-head QK RMSNorm and 3-axis RoPE.
 
     q, k and v come from one fused projection; checkpoints store them as to_q/to_k/to_v.
+    q and k are normalised and rotated together (one pass each instead of two).
     """
 
     def __init__(self, dim: int, n_heads: int, qk_norm: bool):
@@ -199,13 +199,19 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(head_dim, QK_NORM_EPS) if qk_norm else None
 
     def forward(self, x, rope, mask):
+        """x: (B, L, dim); rope: complex (B, L, 1, 1, head_dim/2); mask: a (B, 1, 1, L)
+        boolean key mask, or None when the batch needs none."""
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).unbind(2)
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, -1)
+        qk, v = qkv[:, :, :2], qkv[:, :, 2]
         if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # mask: (B, 1, 1, L) boolean key mask, or None when the batch needs none.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+            w = torch.stack([self.norm_q.weight, self.norm_k.weight])[:, None]  # (2, 1, head_dim)
+            qk = qk * rms_scale(qk, QK_NORM_EPS) * w
+        # SDPA's CPU kernel measured ~20% faster on head-major contiguous inputs than on
+        # strided views of the fused projection, far more than the copy costs.
+        q, k = apply_rope(qk, rope).permute(2, 0, 3, 1, 4).contiguous()
+        v = v.transpose(1, 2).contiguous()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -227,7 +233,9 @@ class TransformerBlock(nn.Module):
 
     Modulated: ``x += tanh(g_msa) * norm2(attn(norm1(x) * (1 + s_msa)))`` and the same for
     the FFN; c goes into ``adaLN_modulation`` without an activation. Unmodulated (context
-    refiner): the same without scale and gate.
+    refiner): the same without scale and gate. Each norm weight is multiplied into its
+    (per-sample) scale or gate vector first, so every norm costs one reduction and one
+    multiply, and the gated residual add is a single ``addcmul``.
     """
 
     def __init__(self, cfg: S3DiTConfig, modulation: bool):
@@ -243,14 +251,20 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
 
     def forward(self, x, rope, mask, c=None):
+        eps = self.attention_norm1.eps
         if self.modulation:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
-            attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope, mask)
-            x = x + gate_msa.tanh() * self.attention_norm2(attn)
-            ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
-            return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
-        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+            in_attn = self.attention_norm1.weight * (1.0 + scale_msa)
+            out_attn = gate_msa.tanh() * self.attention_norm2.weight
+            in_ffn = self.ffn_norm1.weight * (1.0 + scale_mlp)
+            out_ffn = gate_mlp.tanh() * self.ffn_norm2.weight
+        else:
+            in_attn, out_attn = self.attention_norm1.weight, self.attention_norm2.weight
+            in_ffn, out_ffn = self.ffn_norm1.weight, self.ffn_norm2.weight
+        attn = self.attention(x * rms_scale(x, eps) * in_attn, rope, mask)
+        x = torch.addcmul(x, attn * rms_scale(attn, eps), out_attn)
+        ffn = self.feed_forward(x * rms_scale(x, eps) * in_ffn)
+        return torch.addcmul(x, ffn * rms_scale(ffn, eps), out_ffn)
 
 
 class TimestepEmbedder(nn.Module):
@@ -308,9 +322,9 @@ class _Layout:
     img_gather: torch.Tensor  # (B*Lx,) rows of [embedded image rows; x_pad_token]
     cap_gather: torch.Tensor  # (B*Lc,) rows of [embedded caption rows; cap_pad_token]
     uni_gather: torch.Tensor | None  # (B*Lu,) rows of [image stream; caption stream], None = plain concat
-    img_rope: tuple[torch.Tensor, torch.Tensor]
-    cap_rope: tuple[torch.Tensor, torch.Tensor]
-    uni_rope: tuple[torch.Tensor, torch.Tensor]
+    img_rope: torch.Tensor  # complex (B, Lx, 1, 1, head_dim/2)
+    cap_rope: torch.Tensor
+    uni_rope: torch.Tensor
     img_mask: torch.Tensor | None
     cap_mask: torch.Tensor | None
     uni_mask: torch.Tensor | None
@@ -328,8 +342,8 @@ class _RopeTables:
             angles = torch.outer(torch.arange(n, dtype=torch.float64), freqs).float()
             self.tables.append(angles.to(device))
 
-    def __call__(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos: (..., n_axes) int64 -> cos, sin of shape (..., 1, head_dim/2)."""
+    def __call__(self, pos: torch.Tensor) -> torch.Tensor:
+        """pos: (..., n_axes) int64 -> unit complex64 of shape (..., 1, 1, head_dim/2)."""
         for axis, n in enumerate(self.axes_lens):
             top = int(pos[..., axis].max())
             if top >= n:
@@ -337,8 +351,8 @@ class _RopeTables:
                     f"RoPE position {top} on axis {axis} exceeds axes_lens[{axis}]={n}: the caption is "
                     "too long or the image too large for this model; shorten the prompt or the size"
                 )
-        angles = torch.cat([tab[pos[..., a]] for a, tab in enumerate(self.tables)], dim=-1).unsqueeze(-2)
-        return angles.cos(), angles.sin()
+        angles = torch.cat([tab[pos[..., a]] for a, tab in enumerate(self.tables)], dim=-1)
+        return torch.polar(torch.ones_like(angles), angles)[..., None, None, :]
 
 
 def _pad_stack(rows: list[torch.Tensor], length: int, fill) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""S3DiT vs diffusers' ZImageTransformer2DModel: forward time on identical weights and inputs.
+
+    python benchmarks/bench_transformer.py [--threads 2] [--repeats 7]
+
+Cases (issue 2):
+  (a) the `tiny` preset, a CFG-style batch of 2: one 32x32 latent twice, captions of 77
+      and 12 tokens (a prompt and the empty negative prompt after the chat template);
+  (b) dim 512, 8 layers, 8 heads: one 64x64 latent with 64 caption tokens, fp32 and bf16.
+Prints ms for ours and the oracle, the speed-up ratio, achieved GFLOP/s (model FLOPs from
+the formula below over measured time) and its fraction of a square-GEMM peak measured by
+this script in the same dtype. Ours and the oracle are timed alternately, median of runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import ZImageTransformer2DModel
+
+from zimagekit.s3dit import S3DiT, S3DiTConfig, _round_up
+
+
+def model_flops(cfg: S3DiTConfig, img_tokens: list[int], cap_tokens: list[int]) -> float:
+    """Forward FLOPs (2 per multiply-add) of the GEMMs and attention, counting the
+    per-sample padded streams (pad tokens are computed) but not batch padding."""
+    d, f = cfg.dim, cfg.ffn_dim
+
+    def block(n, modulated=True):
+        linear = 2 * n * (4 * d * d + 3 * d * f)
+        attention = 2 * 2 * n * n * d  # QK^T and PV
+        return linear + attention + (2 * cfg.adaln_dim * 4 * d if modulated else 0)
+
+    total = 0.0
+    patch_dim = cfg.all_patch_size[0] ** 2 * cfg.all_f_patch_size[0] * cfg.in_channels
+    for ni, nc in zip(img_tokens, cap_tokens):
+        xi, xc = _round_up(ni), _round_up(nc)
+        total += 2 * ni * patch_dim * d + 2 * nc * cfg.cap_feat_dim * d  # embedders
+        total += cfg.n_refiner_layers * (block(xi) + block(xc, modulated=False))
+        total += cfg.n_layers * block(xi + xc)
+        total += 2 * ni * d * patch_dim  # final layer on image tokens
+    return total
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, repeats)) / 1e9
+
+
+def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
+    torch.manual_seed(0)
+    ref = ZImageTransformer2DModel(**cfg.to_dict()).eval()
+    with torch.no_grad():
+        ref.x_pad_token.normal_()
+        ref.cap_pad_token.normal_()
+    ours = S3DiT(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    ref.to(dtype)
+    ours.to(dtype)
+    h, w = latent_hw
+    x = [torch.randn(cfg.in_channels, 1, h, w, dtype=dtype) for _ in cap_lens]
+    if len(x) == 2:
+        x[1] = x[0].clone()  # CFG: the same latent with two captions
+    caps = [torch.randn(n, cfg.cap_feat_dim, dtype=dtype) for n in cap_lens]
+    t = torch.full((len(x),), 0.5)
+    with torch.no_grad():
+        run_ref = lambda: ref(x, t, caps).sample
+        run_ours = lambda: ours(x, t, caps)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(run_ref(), run_ours()))
+        scale = max(a.float().abs().max().item() for a in run_ref())
+        ms_ref, ms_ours = [], []
+        for _ in range(repeats):  # alternate so drift in machine load hits both alike
+            ms_ref += timed(run_ref, 1)
+            ms_ours += timed(run_ours, 1)
+    t_ref, t_ours = statistics.median(ms_ref), statistics.median(ms_ours)
+    flops = model_flops(cfg, [(h // 2) * (w // 2)] * len(x), cap_lens)
+    return dict(case=name, dtype=str(dtype).removeprefix("torch."), ours=t_ours * 1e3, ref=t_ref * 1e3,
+                ratio=t_ref / t_ours, gflops=flops / t_ours / 1e9, rel_err=diff / scale)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2, this CPU's core count)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed forwards per model and case (median reported)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tiny = S3DiTConfig.preset("tiny")
+    mid = S3DiTConfig(dim=512, n_layers=8, n_refiner_layers=2, n_heads=8, n_kv_heads=8, cap_feat_dim=2560,
+                      axes_dims=(16, 24, 24), axes_lens=(1024, 128, 128))
+    cases = [
+        ("(a) tiny, CFG batch 2, 32x32, caps 77/12", tiny, (32, 32), [77, 12], torch.float32),
+        ("(b) d512 L8 H8, 64x64, caps 64", mid, (64, 64), [64], torch.float32),
+        ("(b) d512 L8 H8, 64x64, caps 64", mid, (64, 64), [64], torch.bfloat16),
+    ]
+    peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16)}
+    rows = []
+    for name, cfg, hw, caps, dt in cases:
+        r = bench_case(name, cfg, hw, caps, dt, args.repeats)
+        r["peak_frac"] = r["gflops"] / peaks[dt]
+        rows.append(r)
+
+    print(f"threads={args.threads}  GEMM peak (2048^2): fp32 {peaks[torch.float32]:.0f} GFLOP/s, "
+          f"bf16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
+    print("| case | dtype | ms ours | ms diffusers | speed-up | GFLOP/s ours | of GEMM peak | max rel. diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['dtype']} | {r['ours']:.1f} | {r['ref']:.1f} | {r['ratio']:.2f}x | "
+              f"{r['gflops']:.0f} | {r['peak_frac']:.0%} | {r['rel_err']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
