@@ -53,10 +53,16 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    return 2 * n**3 / statistics.median(timed(lambda: a @ b, repeats)) / 1e9
+def gemm_peak(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 10) -> float:
+    """Best square-GEMM throughput over a few sizes and runs: a peak is what the machine can
+    do at its best, so the fastest run counts (a median would fold in interference from
+    other processes), and several sizes guard against one size hitting a poor BLAS path."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = max(best, 2 * n**3 / min(timed(lambda: a @ b, repeats)) / 1e9)
+    return best
 
 
 def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
@@ -112,7 +118,7 @@ def main():
         r["peak_frac"] = r["gflops"] / peaks[dt]
         rows.append(r)
 
-    print(f"threads={args.threads}  GEMM peak (2048^2): fp32 {peaks[torch.float32]:.0f} GFLOP/s, "
+    print(f"threads={args.threads}  GEMM peak (best square GEMM): fp32 {peaks[torch.float32]:.0f} GFLOP/s, "
           f"bf16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
     print("| case | dtype | ms ours | ms diffusers | speed-up | GFLOP/s ours | of GEMM peak | max rel. diff |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,393 @@
+"""The ``zimagekit`` command: ``generate`` and ``eval`` (more subcommands register the same way).
+
+Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
+
+    zimagekit generate "a red fox in snow" --model ./Z-Image-Turbo -W 1024 -H 768 -s 42
+    zimagekit generate -p "a cat" --num-images 4 -o cats_%03d.png --cfg-scale 0
+    zimagekit generate --prompt-file prompts.txt --model ./Z-Image-Turbo -o out_%03d.png
+    zimagekit generate "oil painting" --init-image photo.png --strength 0.6 --model ./Z-Image-Turbo
+
+A problem with the input prints one ``error: ...`` line on stderr and exits 2; no output file
+is left behind.  Heavy imports (torch, transformers, diffusers) happen only when a command runs,
+so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ZImageKitError
+
+DEFAULT_STEPS = 8  # Z-Image-Turbo: 8 NFEs, no guidance
+IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in the same one-line form as every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="zimagekit", description="Z-Image (S3-DiT) tools.")
+    parser.add_argument("--version", action="version", version=f"zimagekit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_generate(commands)
+    _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
+                   "zimagekit.shapes.judge")
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "delegated", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    _show_warnings()
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except ZImageKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _add_delegated(commands, name: str, help: str, module: str) -> None:
+    """A subcommand whose flags belong to ``module.main(argv)``: everything after the name is
+    handed over unparsed, so ``zimagekit NAME --help`` prints that module's own help."""
+    import importlib
+
+    commands.add_parser(name, help=help, add_help=False).set_defaults(
+        delegated=True, run=lambda args: importlib.import_module(module).main(args.rest))
+
+
+def _show_warnings() -> None:
+    """Print zimagekit's warnings (e.g. a prompt cut at max_sequence_length) as one line each."""
+    log = logging.getLogger("zimagekit")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="text-to-image (and image-to-image) with a Z-Image model folder",
+        description="Generate images with Z-Image / Z-Image-Turbo. Defaults are Turbo's: 8 steps, "
+        "no guidance, 1024x1024. Prints the seed and each file written.",
+    )
+    p.set_defaults(run=_generate)
+    g = p.add_argument_group("prompt")
+    g.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (or use -p or --prompt-file)")
+    g.add_argument("-p", "--prompt", metavar="TEXT", help="the prompt, as a flag")
+    g.add_argument(
+        "--prompt-file", type=Path, metavar="FILE", help="UTF-8 text file, one prompt per line (blank lines skipped)"
+    )
+    g.add_argument(
+        "-n",
+        "--negative-prompt",
+        default="",
+        metavar="TEXT",
+        help="what to steer away from; used only when --cfg-scale > 0 (default: empty)",
+    )
+    g.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens kept, chat template included; longer prompts are cut with a warning (default: 512)",
+    )
+
+    g = p.add_argument_group("image")
+    g.add_argument(
+        "-W", "--width", type=int, metavar="PX", help="width, a multiple of 16 (default: 1024, or the init image's)"
+    )
+    g.add_argument(
+        "-H", "--height", type=int, metavar="PX", help="height, a multiple of 16 (default: 1024, or the init image's)"
+    )
+    g.add_argument(
+        "--num-images",
+        "-b",
+        "--batch-count",
+        dest="num_images",
+        type=int,
+        default=1,
+        metavar="N",
+        help="images per prompt (default: 1)",
+    )
+    g.add_argument(
+        "-o",
+        "--output",
+        default="output.png",
+        metavar="FILE",
+        help="output file, .png/.jpg/.webp (default: output.png). For several images give a printf "
+        "pattern like out_%%03d.png; otherwise _000, _001, ... is added before the extension",
+    )
+    g.add_argument("--no-metadata", action="store_true", help="do not write the generation parameters into PNGs")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "-s",
+        "--seed",
+        type=int,
+        default=42,
+        metavar="N",
+        help="random seed; negative picks one at random. Image k of a run uses seed + k (default: 42)",
+    )
+    g.add_argument(
+        "--steps", "--num-inference-steps", dest="steps", type=int, default=DEFAULT_STEPS, metavar="N",
+        help=f"denoising steps = transformer calls (default: {DEFAULT_STEPS})",
+    )  # fmt: skip
+    g.add_argument(
+        "--cfg-scale",
+        "--guidance-scale",
+        dest="cfg_scale",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="guidance w in pred = pos + w*(pos - neg), diffusers' Z-Image convention (standard CFG scale minus 1); "
+        "0 turns it off, as Turbo wants (default: 0)",
+    )
+    g.add_argument(
+        "--cfg-normalization",
+        type=float,
+        default=0.0,
+        metavar="C",
+        help="cap the guided prediction's norm at C times the positive one's (default: 0 = off)",
+    )
+    g.add_argument(
+        "--cfg-truncation",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="no guidance once t = 1 - sigma exceeds T (default: 1 = never)",
+    )
+    g.add_argument("-i", "--init-image", type=Path, metavar="FILE", help="start from this image (img2img)")
+    g.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="img2img: how much to change the init image, in (0, 1]; about S x steps run (default: 0.6)",
+    )
+
+    g = p.add_argument_group("model and hardware")
+    g.add_argument(
+        "--model",
+        default=os.environ.get("ZIMAGEKIT_MODEL"),
+        metavar="FOLDER",
+        help="Z-Image folder in the Hugging Face layout: model_index.json, transformer/, text_encoder/, tokenizer/, "
+        "vae/, scheduler/ (default: $ZIMAGEKIT_MODEL)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="bf16",
+        metavar="NAME",
+        help="bf16, fp32 or fp16 for the transformer and text encoder; the VAE stays fp32 "
+        "(default: bf16; fp16 overflows with Z-Image)",
+    )
+    g.add_argument("--device", metavar="NAME", help="cpu, cuda, cuda:N or mps (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--offload",
+        "--offload-to-cpu",
+        dest="offload",
+        action="store_true",
+        help="keep the models in CPU memory and move each to the device only while it runs",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prompts(args) -> list[str]:
+    given = [args.prompt_arg is not None, args.prompt is not None, args.prompt_file is not None]
+    if sum(given) != 1:
+        raise ZImageKitError(
+            "give exactly one prompt source: a PROMPT argument, -p/--prompt, or --prompt-file"
+            if sum(given) > 1
+            else "no prompt: pass one as an argument, with -p, or with --prompt-file"
+        )
+    if args.prompt_file is None:
+        prompt = args.prompt_arg if args.prompt_arg is not None else args.prompt
+        if not prompt.strip():
+            raise ZImageKitError("the prompt is empty")
+        return [prompt]
+    try:
+        text = args.prompt_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZImageKitError(f"cannot read prompt file {args.prompt_file}: {e}") from e
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ZImageKitError(f"prompt file {args.prompt_file} has no prompts; write one prompt per line")
+    return prompts
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    """Where each image goes: a printf pattern is filled with 0, 1, ...; a plain name gets
+    ``_000``, ``_001``, ... when there are several images.  Checked before any work starts."""
+    path = Path(output)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ZImageKitError(f"output {output} must end in one of {', '.join(IMAGE_EXTENSIONS)}")
+    if "%" in output:
+        try:
+            paths = [Path(output % i) for i in range(count)]
+        except (TypeError, ValueError) as e:
+            raise ZImageKitError(f"output pattern {output!r} is not a printf pattern like out_%03d.png ({e})") from e
+        if count > 1 and len(set(paths)) != count:
+            raise ZImageKitError(
+                f"output pattern {output!r} gives the same name to several images; use e.g. out_%03d.png"
+            )
+    elif count == 1:
+        paths = [path]
+    else:
+        paths = [path.with_name(f"{path.stem}_{i:03d}{path.suffix}") for i in range(count)]
+    for folder in {p.parent for p in paths}:
+        folder = folder if str(folder) else Path(".")
+        if not folder.is_dir():
+            raise ZImageKitError(f"cannot write to {folder}/: it is not an existing folder; create it or change -o")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ZImageKitError(f"cannot write to {folder}/: permission denied; change -o")
+    for p in paths:
+        if p.is_dir():
+            raise ZImageKitError(f"output {p} is a folder; give a file name")
+    return paths
+
+
+def _check_numbers(args) -> None:
+    if args.steps < 1:
+        raise ZImageKitError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise ZImageKitError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.cfg_scale < 0:
+        raise ZImageKitError(f"--cfg-scale must be >= 0 (0 turns guidance off), got {args.cfg_scale}")
+    if args.cfg_normalization < 0:
+        raise ZImageKitError(f"--cfg-normalization must be >= 0, got {args.cfg_normalization}")
+    if args.max_sequence_length < 1:
+        raise ZImageKitError(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
+    if args.strength is not None:
+        if args.init_image is None:
+            raise ZImageKitError("--strength needs --init-image")
+        if not 0 < args.strength <= 1:
+            raise ZImageKitError(f"--strength must be in (0, 1], got {args.strength}")
+
+
+def _open_init_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ZImageKitError(f"cannot read init image {path}: {e}") from e
+
+
+def _save_image(image, path: Path, metadata) -> None:
+    """Write under a temporary name in the same folder, then rename: never a half-written file."""
+    from .weights import _atomic_write
+
+    fmt = IMAGE_EXTENSIONS[path.suffix.lower()]
+    extra = {"pnginfo": metadata} if metadata is not None and fmt == "PNG" else {}
+    try:
+        _atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **extra))
+    except OSError as e:
+        raise ZImageKitError(f"cannot write {path}: {e}") from e
+
+
+def _generate(args) -> int:
+    # Cheap checks first, so a typo never waits for gigabytes of weights.
+    prompts = _prompts(args)
+    _check_numbers(args)
+    if args.model is None:
+        raise ZImageKitError(
+            "no model: pass --model FOLDER (a Z-Image folder in the Hugging Face layout) or set ZIMAGEKIT_MODEL"
+        )
+    paths = _output_paths(args.output, len(prompts) * args.num_images)
+    init_image = _open_init_image(args.init_image) if args.init_image is not None else None
+    strength = args.strength if args.strength is not None else 0.6
+
+    import torch
+
+    from .pipeline import (
+        ModelFolder,
+        ZImagePipeline,
+        check_image_size,
+        load_text_encoder,
+        resolve_device,
+        resolve_dtype,
+    )
+    from .pngmeta import GenerationInfo, png_info
+
+    dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
+    folder = ModelFolder.open(args.model)
+    multiple = folder.image_multiple
+    width = args.width or (init_image.width // multiple * multiple if init_image else 1024)
+    height = args.height or (init_image.height // multiple * multiple if init_image else 1024)
+    check_image_size(width, height, multiple)
+
+    seed = args.seed if args.seed >= 0 else random.SystemRandom().randrange(2**32)
+    print(f"seed: {seed}")
+
+    # Text encoder first, alone: encode every prompt, drop it, then load the transformer, so the
+    # two are never in memory together (the README's memory plan).
+    encoder = load_text_encoder(folder.root, dtype, device)
+    use_cfg = args.cfg_scale > 0
+    embeds = encoder.encode(prompts, args.max_sequence_length)
+    negative = encoder.encode([args.negative_prompt], args.max_sequence_length)[0] if use_cfg else None
+    del encoder
+    pipe = ZImagePipeline.from_pretrained(folder.root, dtype, device, offload=args.offload, load_text_encoder=False)
+
+    model_name = folder.root.resolve().name
+    k = 0
+    for number, (prompt, embed) in enumerate(zip(prompts, embeds), start=1):
+        if len(prompts) > 1:
+            print(f"prompt {number}/{len(prompts)}: {prompt}")
+        seeds = [seed + k + j for j in range(args.num_images)]
+        images = pipe(
+            prompt_embeds=[embed],
+            negative_prompt_embeds=[negative] if use_cfg else None,
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.cfg_scale,
+            cfg_normalization=args.cfg_normalization,
+            cfg_truncation=args.cfg_truncation,
+            num_images_per_prompt=args.num_images,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            init_image=init_image,
+            strength=strength,
+            progress=not args.no_progress,
+        )
+        for image, image_seed in zip(images, seeds):
+            info = GenerationInfo(
+                prompt=prompt,
+                negative_prompt=args.negative_prompt if use_cfg else "",
+                steps=args.steps,
+                cfg_scale=args.cfg_scale,
+                seed=image_seed,
+                width=width,
+                height=height,
+                model=model_name,
+                cfg_normalization=args.cfg_normalization,
+                cfg_truncation=args.cfg_truncation,
+                strength=strength if init_image is not None else None,
+            )
+            _save_image(image, paths[k], None if args.no_metadata else png_info(info))
+            print(f"saved {paths[k]}")
+            k += 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,641 @@
+"""Z-Image text-to-image and image-to-image pipeline: Qwen3 → S3-DiT (Euler, CFG) → Flux VAE.
+
+Numerically this is diffusers' ``ZImagePipeline`` / ``ZImageImg2ImgPipeline`` (0.42); it
+differs where that costs time or memory for nothing:
+
+* prompts are encoded at their real length by a Qwen3 without its last layer and final norm
+  (:mod:`zimagekit.text_encoder`), each distinct prompt once;
+* the σ schedule, the model times and the per-step guidance scales are computed once per
+  generation on the host, and the loop never reads a device value;
+* all images of a call share a size, so the S3-DiT gets one 5-D batch (positive and negative
+  halves together under CFG), and the VAE decodes one image at a time;
+* initial noise is drawn on the CPU, so a seed gives the same image on any device;
+* inputs are never modified (diffusers rewrites a prompt list in place).
+
+Folder layout (Tongyi-MAI/Z-Image-Turbo): ``model_index.json``, ``transformer/`` (S3-DiT),
+``text_encoder/`` (Qwen3), ``tokenizer/``, ``vae/`` (AutoencoderKL), ``scheduler/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ZImageKitError
+from .s3dit import S3DiT
+from .sampling import (
+    ScheduleConfig,
+    add_noise,
+    cfg_combine,
+    cfg_scales,
+    get_sigmas,
+    img2img_start,
+    sample_euler,
+    time_from_sigma,
+)
+from .text_encoder import Qwen3TextEncoder
+
+__all__ = ["ModelFolder", "ZImagePipeline", "check_image_size", "load_text_encoder", "resolve_device", "resolve_dtype"]
+
+COMPONENT_CONFIGS = {
+    "transformer": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,
+    "vae": "config.json",
+    "scheduler": "scheduler_config.json",
+}
+MODEL_INDEX = {
+    "_class_name": "ZImagePipeline",
+    "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3Model"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "ZImageTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+# Scheduler options diffusers offers that Z-Image does not use; refuse rather than ignore them.
+UNSUPPORTED_SCHEDULER_OPTIONS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+    "shift_terminal",
+)
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument resolution shared with the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a dtype or a name (fp32/float32, bf16/bfloat16, fp16/float16)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ZImageKitError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return DTYPES[str(dtype).lower()]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """A usable torch device; ``None`` means CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ZImageKitError(f"unknown device {str(device)!r} ({_first_line(e)}); use cpu, cuda or cuda:N") from e
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # a CPU-only build raises AssertionError, a bad index RuntimeError
+        raise ZImageKitError(f"device {str(device)!r} is not available here ({_first_line(e)}); use cpu") from e
+    return device
+
+
+def check_image_size(width: int, height: int, multiple: int) -> None:
+    """Width and height must be positive multiples of ``multiple``; the error suggests the nearest."""
+    for name, value in (("width", width), ("height", height)):
+        if value < multiple or value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            upper = lower if value < multiple else lower + multiple
+            choices = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            raise ZImageKitError(f"{name} {value} is not a multiple of {multiple}; use {choices}")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an exception message, so wrapped errors stay on one line."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelFolder:
+    """A checked Z-Image folder in the Hugging Face layout; opening it reads only JSON.
+
+    ``image_multiple`` is what width and height must be multiples of: the VAE's downsampling
+    (2^(blocks − 1), 8 for the Flux VAE) times the S3-DiT patch size (2), so 16 for Z-Image.
+    """
+
+    root: Path
+    image_multiple: int
+    vae_force_upcast: bool = True  # the VAE runs in fp32 whatever the pipeline dtype
+
+    @classmethod
+    def open(cls, folder: str | Path) -> ModelFolder:
+        root = Path(folder)
+        layout = "model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/"
+        if not root.exists():
+            raise ZImageKitError(f"model folder {root} does not exist; pass a Z-Image folder ({layout})")
+        if not root.is_dir():
+            raise ZImageKitError(f"model path {root} is not a folder; pass a Z-Image folder ({layout})")
+        _read_json(root / "model_index.json", f"a Z-Image folder has {layout}")
+        for name, config in COMPONENT_CONFIGS.items():
+            if not (root / name).is_dir():
+                raise ZImageKitError(
+                    f"model folder {root} is missing the {name}/ component; copy it from the original model"
+                )
+            if config is not None and not (root / name / config).is_file():
+                raise ZImageKitError(f"{root / name} has no {config}; copy the {name}/ component again")
+        vae = _read_json(root / "vae" / "config.json", "the VAE config")
+        transformer = _read_json(root / "transformer" / "config.json", "the transformer config")
+        text_encoder = _read_json(root / "text_encoder" / "config.json", "the text encoder config")
+        # Components from different models load fine one by one, then fail deep inside a forward.
+        te_width, cap_dim = text_encoder.get("hidden_size"), transformer.get("cap_feat_dim")
+        latent_channels, in_channels = vae.get("latent_channels"), transformer.get("in_channels")
+        for what, a, b in [
+            (f"text_encoder hidden_size {te_width} != transformer cap_feat_dim {cap_dim}", te_width, cap_dim),
+            (
+                f"vae latent_channels {latent_channels} != transformer in_channels {in_channels}",
+                latent_channels,
+                in_channels,
+            ),
+        ]:
+            if a is not None and b is not None and a != b:
+                raise ZImageKitError(f"{root}: {what}; the components come from different models")
+        multiple = vae_downsampling(vae.get("block_out_channels", [0] * 4)) * transformer.get("all_patch_size", [2])[0]
+        return cls(root, multiple, vae_force_upcast=vae.get("force_upcast", True))
+
+    def component(self, name: str) -> Path:
+        return self.root / name
+
+
+def vae_downsampling(block_out_channels) -> int:
+    """Pixels per latent cell of an AutoencoderKL: one 2x downsample between consecutive blocks."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ZImageKitError(f"{path} is missing ({what})")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZImageKitError(f"{path} is not readable JSON ({_first_line(e)}); copy it again") from e
+    if not isinstance(value, dict):
+        raise ZImageKitError(f"{path} must hold a JSON object")
+    return value
+
+
+def load_text_encoder(
+    folder: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+) -> Qwen3TextEncoder:
+    """Only the tokenizer and the (truncated) Qwen3 of a Z-Image folder, e.g. to encode prompts
+    before the transformer is loaded."""
+    return _load_text_encoder(ModelFolder.open(folder), resolve_dtype(dtype), resolve_device(device))
+
+
+def _load_text_encoder(model: ModelFolder, dtype: torch.dtype, device: torch.device) -> Qwen3TextEncoder:
+    with _loading(model, "text_encoder"):
+        return Qwen3TextEncoder.from_pretrained(
+            model.component("text_encoder"), model.component("tokenizer"), dtype=dtype, device=device
+        )
+
+
+@contextlib.contextmanager
+def _loading(model: ModelFolder, name: str):
+    """Turn a library's error while loading a component into one line that names the component."""
+    try:
+        yield
+    except ZImageKitError:
+        raise
+    except Exception as e:  # loaders raise many types for a bad file
+        raise ZImageKitError(
+            f"cannot load {name} from {model.component(name)}: {_first_line(e)}; "
+            f"the files may be corrupt or truncated, copy {name}/ again"
+        ) from e
+
+
+def _schedule_config(path: Path) -> tuple[ScheduleConfig, dict]:
+    raw = _read_json(path, "the scheduler config")
+    for option in UNSUPPORTED_SCHEDULER_OPTIONS:
+        if raw.get(option):
+            raise ZImageKitError(f"{path}: scheduler option {option}={raw[option]!r} is not supported by Z-Image")
+    if raw.get("use_dynamic_shifting") and raw.get("time_shift_type", "exponential") != "exponential":
+        raise ZImageKitError(f"{path}: only the exponential time shift is supported")
+    known = {f.name for f in fields(ScheduleConfig)}
+    return ScheduleConfig(**{k: v for k, v in raw.items() if k in known}), raw
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+class ZImagePipeline:
+    """Text-to-image (and image-to-image) with Z-Image / Z-Image-Turbo.
+
+    ``transformer`` is an :class:`~zimagekit.s3dit.S3DiT`, ``vae`` a diffusers
+    ``AutoencoderKL`` (its ``scaling_factor``/``shift_factor`` map latents), ``text_encoder`` a
+    :class:`~zimagekit.text_encoder.Qwen3TextEncoder`.  With ``offload=True`` every component
+    waits on the CPU and visits ``device`` only while it runs (text encoder, then transformer,
+    then VAE), which trades transfer time for memory.
+    """
+
+    def __init__(
+        self,
+        transformer: S3DiT,
+        vae,
+        text_encoder: Qwen3TextEncoder,
+        schedule: ScheduleConfig | None = None,
+        device: torch.device | str | None = None,
+        offload: bool = False,
+        scheduler_config: dict | None = None,
+    ):
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.schedule = schedule or ScheduleConfig()
+        self.device = resolve_device(device)
+        self.offload = offload
+        # Kept only so save_pretrained writes back every field the folder had.
+        self._scheduler_config = dict(scheduler_config or {})
+        self.vae_scale_factor = vae_downsampling(vae.config.block_out_channels)
+        self.image_multiple = self.vae_scale_factor * transformer.config.all_patch_size[0]
+
+    # -- loading and saving ------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        offload: bool = False,
+        load_text_encoder: bool = True,
+    ) -> ZImagePipeline:
+        """Load a Z-Image folder.  ``dtype`` (default fp32; use bf16 for the real model) applies to
+        the transformer and text encoder; the VAE stays fp32 when its config asks
+        (``force_upcast``, true for the Flux VAE).  Any unusable component raises one
+        :class:`ZImageKitError` naming it.
+
+        ``load_text_encoder=False`` skips the Qwen3 weights, for callers that encoded their
+        prompts first with :func:`load_text_encoder` and freed it, so the text encoder and the
+        transformer are never in memory together.
+        """
+        from diffusers import AutoencoderKL
+
+        model = ModelFolder.open(folder)
+        dtype = resolve_dtype(dtype)
+        device = resolve_device(device)
+        home = torch.device("cpu") if offload else device
+        schedule, raw_schedule = _schedule_config(model.component("scheduler") / "scheduler_config.json")
+
+        with _loading(model, "transformer"):
+            transformer = S3DiT.from_pretrained(model.component("transformer"), dtype=dtype, device=home)
+        transformer.requires_grad_(False).eval()
+        vae_dtype = torch.float32 if model.vae_force_upcast else dtype
+        with _loading(model, "vae"):
+            vae = AutoencoderKL.from_pretrained(model.component("vae"), dtype=vae_dtype, local_files_only=True)
+        vae.to(home).requires_grad_(False).eval()
+        if load_text_encoder:
+            text_encoder = _load_text_encoder(model, dtype, home)
+        else:
+            text_encoder = Qwen3TextEncoder(None, None, model.component("text_encoder"), model.component("tokenizer"))
+        return cls(transformer, vae, text_encoder, schedule, device, offload, raw_schedule)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the Hugging Face layout (loadable by this class and by diffusers)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(folder / "transformer")
+        self.vae.save_pretrained(folder / "vae")
+        self.text_encoder.save_pretrained(folder / "text_encoder", folder / "tokenizer")
+        scheduler = {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            **self._scheduler_config,
+            **{f.name: getattr(self.schedule, f.name) for f in fields(ScheduleConfig)},
+        }
+        (folder / "scheduler").mkdir(exist_ok=True)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+
+    # -- components on and off the device ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _on_device(self, module: torch.nn.Module):
+        """Bring an offloaded component (if loaded) to the execution device for a block."""
+        move = self.offload and module is not None
+        if move:
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if move:
+                module.to("cpu")
+
+    def free_text_encoder(self) -> None:
+        """Drop the Qwen3 weights (7.3 GiB in bf16 for the real model) once prompts are encoded.
+
+        Later calls must pass ``prompt_embeds`` (and ``negative_prompt_embeds`` with guidance).
+        The memory comes back only if nothing else still references the model.
+        """
+        self.text_encoder.free()
+
+    def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512) -> list[torch.Tensor]:
+        """Caption features (list of ``(L_i, cap_feat_dim)``) for one prompt or a list of prompts."""
+        prompts = _as_prompt_list(prompts, "prompt")
+        with self._on_device(self.text_encoder.model):
+            return self.text_encoder.encode(prompts, max_sequence_length)
+
+    # -- generation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 0.0,
+        cfg_normalization: float | bool = 0.0,
+        cfg_truncation: float = 1.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: Sequence[torch.Tensor] | None = None,
+        negative_prompt_embeds: Sequence[torch.Tensor] | None = None,
+        init_image=None,
+        strength: float = 0.6,
+        max_sequence_length: int = 512,
+        output_type: str = "pil",
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = True,
+    ):
+        """Generate images; defaults are Z-Image-Turbo's (8 steps, no guidance, 1024²).
+
+        Args:
+            prompt: one prompt or a list (a batch; lengths may differ).  Or pass ``prompt_embeds``.
+            negative_prompt: used only when ``guidance_scale > 0``; one for all prompts or one
+                per prompt; default empty.
+            height, width: multiples of ``self.image_multiple`` (16); default 1024, or the init
+                image's size (rounded down) for img2img.
+            num_inference_steps: transformer calls (N steps = N NFEs).
+            guidance_scale: ``w`` in pred = pos + w·(pos − neg) (standard CFG scale − 1); on for
+                w > 0, as in diffusers ≥ 0.37.
+            cfg_normalization: c > 0 caps ‖pred‖ at c·‖pos‖ per image (True means 1).
+            cfg_truncation: guidance is off for steps whose t = 1 − σ exceeds this.
+            num_images_per_prompt: images per prompt, ordered prompt by prompt.
+            generator: a CPU ``torch.Generator``, or one per image; ``seed`` builds one.
+            latents: the initial noise ε, ``(B, 16, H/8, W/8)``, instead of drawing it.  For
+                img2img too (diffusers' img2img instead takes already-noised latents).
+            init_image: a PIL image (or one per prompt) turns this into img2img; the image is
+                encoded, noised to the σ where ``strength`` says to start (diffusers'
+                semantics: N·strength of the N steps run), then denoised.
+            output_type: "pil" (list of images), "pt" (``(B, 3, H, W)`` in [0, 1]) or "latent"
+                (the final latents, before the VAE's scaling and shift).
+            callback: called after every step with the sampler's dict (see
+                :func:`zimagekit.sampling.sample_euler`).
+            progress: show a tqdm progress bar.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ZImageKitError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if num_inference_steps < 1:
+            raise ZImageKitError(f"steps must be at least 1, got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise ZImageKitError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if guidance_scale < 0:
+            raise ZImageKitError(f"guidance scale must be >= 0 (0 turns guidance off), got {guidance_scale}")
+        if float(cfg_normalization) < 0:
+            raise ZImageKitError(f"cfg_normalization must be >= 0 (0 turns it off), got {cfg_normalization}")
+        if init_image is not None and not 0 < strength <= 1:
+            raise ZImageKitError(f"strength must be in (0, 1], got {strength}")
+        do_cfg = guidance_scale > 0
+
+        # Prompts -> caption features, one list entry per image.
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ZImageKitError("pass a prompt (or prompt_embeds)")
+            prompts = _as_prompt_list(prompt, "prompt")
+        else:
+            prompts = None
+            prompt_embeds = list(prompt_embeds)
+        num_prompts = len(prompts) if prompts is not None else len(prompt_embeds)
+        if num_prompts == 0:
+            raise ZImageKitError("the prompt list is empty")
+        negatives = None
+        if do_cfg and negative_prompt_embeds is None:
+            if prompts is None and negative_prompt is None:
+                raise ZImageKitError("with prompt_embeds and guidance, pass negative_prompt_embeds or negative_prompt")
+            negatives = _negative_list(negative_prompt, num_prompts)
+        texts = (prompts or []) + (negatives or [])
+        encoded = self.encode_prompt(texts, max_sequence_length) if texts else []
+        if prompts is not None:
+            prompt_embeds, encoded = encoded[:num_prompts], encoded[num_prompts:]
+        if do_cfg:
+            negative_prompt_embeds = encoded if negatives is not None else list(negative_prompt_embeds)
+            if len(negative_prompt_embeds) != num_prompts:
+                raise ZImageKitError(f"{len(negative_prompt_embeds)} negative prompts for {num_prompts} prompts")
+        batch = num_prompts * num_images_per_prompt
+
+        # Size, latent shape, schedule.
+        images = _as_image_list(init_image, num_prompts) if init_image is not None else None
+        if images is not None:
+            height = height or images[0].height // self.image_multiple * self.image_multiple
+            width = width or images[0].width // self.image_multiple * self.image_multiple
+        height, width = height or 1024, width or 1024
+        check_image_size(width, height, self.image_multiple)
+        shape = (
+            batch,
+            self.transformer.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        image_seq_len = (shape[2] // 2) * (shape[3] // 2)
+        sigmas = get_sigmas(num_inference_steps, self.schedule, image_seq_len)
+        if images is not None:
+            sigmas = sigmas[img2img_start(num_inference_steps, strength) :]
+
+        # Starting latents: noise, or (img2img) the noised image latents.
+        generators = _generators(generator, seed, batch)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ZImageKitError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        if images is None:
+            noise = latents if latents is not None else _randn(shape, generators)
+            x = noise.to(self.device, torch.float32)
+        else:
+            x0 = self._encode_images(images, width, height, batch, num_images_per_prompt, generators)
+            noise = latents if latents is not None else _randn(shape, generators)
+            x = add_noise(x0, noise.to(self.device, torch.float32), sigmas[0])
+
+        x = self._denoise(
+            x,
+            sigmas,
+            [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)],
+            [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)] if do_cfg else None,
+            guidance_scale,
+            float(cfg_normalization),
+            cfg_truncation,
+            callback,
+            progress,
+        )
+        if output_type == "latent":
+            return x
+        return self.decode(x, output_type)
+
+    def _denoise(
+        self, x, sigmas, caps, neg_caps, guidance_scale, cfg_normalization, cfg_truncation, callback, progress
+    ):
+        """Run the Euler sampler with the S3-DiT and Z-Image CFG; everything that depends only
+        on the schedule (model times, guidance per step, caption batches) is built once here."""
+        from tqdm.auto import tqdm
+
+        model = self.transformer
+        batch = x.shape[0]
+        caps = [c.to(self.device, model.dtype) for c in caps]
+        scales = cfg_scales(sigmas, guidance_scale, cfg_truncation) if neg_caps is not None else None
+        both_caps = caps + [c.to(self.device, model.dtype) for c in neg_caps] if neg_caps is not None else None
+        # The DiT's time input is t = 1 − σ (PAPER eq. 1 convention), one row per batch entry.
+        times = time_from_sigma(sigmas[:-1]).to(self.device)
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, i: int) -> torch.Tensor:
+            latent = x.to(model.dtype).unsqueeze(2)  # (B, C, F=1, H, W)
+            if scales is not None and scales[i] > 0:
+                out = model(torch.cat([latent, latent]), times[i].expand(2 * batch), both_caps)
+                pos, neg = out.squeeze(2).float().chunk(2)
+                return cfg_combine(pos, neg, scales[i], cfg_normalization)
+            return model(latent, times[i].expand(batch), caps).squeeze(2).float()
+
+        with self._on_device(model), tqdm(total=len(sigmas) - 1, disable=not progress, leave=False) as bar:
+
+            def on_step(info: dict) -> None:
+                bar.update()
+                if callback is not None:
+                    callback(info)
+
+            return sample_euler(velocity, x, sigmas, on_step)
+
+    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents → images in [0, 1] (``"pt"``) or PIL; one image at a time to bound VAE memory."""
+        config = self.vae.config
+        images = []
+        with self._on_device(self.vae):
+            for z in latents.split(1):
+                z = z.to(self.device, self.vae.dtype) / config.scaling_factor + config.shift_factor
+                images.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+        images = torch.cat(images)
+        if output_type == "pt":
+            return images
+        from PIL import Image
+
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(p) for p in pixels]
+
+    def _encode_images(self, images, width, height, batch, per_prompt, generators) -> torch.Tensor:
+        """Init images → clean latents, one row per output image.
+
+        Follows diffusers' img2img: LANCZOS resize, [-1, 1], a *sample* of the VAE posterior,
+        then ``(z − shift)·scale``.  With one generator the posterior noise for all init images is
+        drawn before the initial noise, as diffusers does; with one generator per image, each
+        image draws its own posterior noise and then its own initial noise, so any image is
+        reproducible from its own seed.
+        """
+        from PIL import Image
+
+        pixels = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height), resample=Image.LANCZOS)
+            pixels.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+        pixels = torch.stack(pixels).to(self.device, torch.float32) / 255.0 * 2 - 1
+        config = self.vae.config
+        with self._on_device(self.vae):
+            posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        # Output image b belongs to prompt b // per_prompt; a single init image serves them all.
+        owner = [min(b // per_prompt, len(images) - 1) for b in range(batch)]
+        if isinstance(generators, list):
+            eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators]).to(self.device)
+            z = mean[owner] + std[owner] * eps
+        else:
+            eps = torch.randn(mean.shape, generator=generators).to(self.device)
+            z = (mean + std * eps)[owner]
+        return (z - config.shift_factor) * config.scaling_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Input helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_prompt_list(prompt, what: str) -> list[str]:
+    """A new list of prompt strings (the caller's list is never touched)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    for p in prompts:
+        if not isinstance(p, str):
+            raise ZImageKitError(f"each {what} must be a string, got {type(p).__name__}")
+    return prompts
+
+
+def _negative_list(negative_prompt, num_prompts: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * num_prompts
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * num_prompts
+    negatives = _as_prompt_list(negative_prompt, "negative prompt")
+    if len(negatives) != num_prompts:
+        raise ZImageKitError(
+            f"{len(negatives)} negative prompts for {num_prompts} prompts; pass one, or one per prompt"
+        )
+    return negatives
+
+
+def _as_image_list(init_image, num_prompts: int) -> list:
+    from PIL import Image
+
+    images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
+    if not all(isinstance(i, Image.Image) for i in images):
+        raise ZImageKitError("init_image must be a PIL image or a list of PIL images")
+    if len(images) not in (1, num_prompts):
+        raise ZImageKitError(f"{len(images)} init images for {num_prompts} prompts; pass one, or one per prompt")
+    return images
+
+
+def _generators(generator, seed: int | None, batch: int):
+    """One CPU generator (or None: torch's global RNG) or a list with one per image."""
+    if generator is None and seed is not None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+    many = isinstance(generator, (list, tuple))
+    for g in generator if many else [generator]:
+        if g is not None and g.device.type != "cpu":
+            raise ZImageKitError(
+                "pass a CPU torch.Generator: noise is drawn on the CPU so a seed gives the same image on every device"
+            )
+    if many:
+        if len(generator) != batch:
+            raise ZImageKitError(f"{len(generator)} generators for {batch} images; pass one, or one per image")
+        return list(generator)
+    return generator
+
+
+def _randn(shape: tuple, generators) -> torch.Tensor:
+    """Standard normal float32 noise on the CPU, drawn per image when given one generator each."""
+    if isinstance(generators, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+    return torch.randn(shape, generator=generators)

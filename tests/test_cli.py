@@ -1,0 +1,295 @@
+"""``zimagekit generate``: images equal diffusers' at the same settings, PNG metadata, output
+naming, and a one-line error with exit status 2 (no traceback, no file) for each bad input."""
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zimagekit.cli import main
+
+SIZE = ["-W", "96", "-H", "64", "--steps", "3"]
+
+
+def run(argv, capsys):
+    """Run the CLI in-process; returns (exit status, stdout, stderr)."""
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: --help, bad flags
+        status = e.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def generate(model, *argv):
+    return ["generate", "--model", model, "--dtype", "fp32", "--device", "cpu", "--no-progress", *SIZE, *argv]
+
+
+def reference_pil(pipe, seed, **kwargs):
+    kwargs = copy.deepcopy(kwargs)
+    images = pipe(**kwargs, height=64, width=96, num_inference_steps=3, generator=torch.Generator().manual_seed(seed))
+    return images.images
+
+
+def assert_same_pixels(path, expected):
+    got = np.asarray(Image.open(path).convert("RGB"), dtype=int)
+    assert np.abs(got - np.asarray(expected, dtype=int)).max() <= 1  # fp32 rounding to uint8
+
+
+def assert_one_line_error(status, err, *fragments):
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+# -- images and metadata -----------------------------------------------------------------------
+
+
+def test_generate_writes_the_reference_image_with_metadata(tiny_model_dir, reference_pipe, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    status, stdout, _ = run(
+        generate(tiny_model_dir, "a photo of a cat", "-n", "blurry", "--cfg-scale", "2", "-s", "9", "-o", out), capsys
+    )
+    assert status == 0 and "seed: 9" in stdout and f"saved {out}" in stdout
+    expected = reference_pil(reference_pipe, 9, prompt="a photo of a cat", negative_prompt="blurry", guidance_scale=2.0)
+    assert_same_pixels(out, expected[0])
+
+    text = Image.open(out).text
+    assert text["parameters"].splitlines()[:2] == ["a photo of a cat", "Negative prompt: blurry"]
+    fields = dict(item.split(": ", 1) for item in text["parameters"].splitlines()[2].split(", "))
+    assert fields["Steps"] == "3" and fields["CFG scale"] == "2" and fields["Seed"] == "9"
+    assert fields["Size"] == "96x64" and fields["Model"] == tiny_model_dir.name and fields["Sampler"] == "Euler"
+    params = json.loads(text["zimagekit"])
+    assert params["prompt"] == "a photo of a cat" and params["seed"] == 9 and params["width"] == 96
+
+
+def test_several_images_follow_the_pattern_and_use_consecutive_seeds(tiny_model_dir, reference_pipe, tmp_path, capsys):
+    status, _, _ = run(
+        generate(tiny_model_dir, "-p", "a dog", "--num-images", "2", "-s", "4", "-o", tmp_path / "dog_%03d.png"), capsys
+    )
+    assert status == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dog_000.png", "dog_001.png"]
+    assert_same_pixels(
+        tmp_path / "dog_001.png", reference_pil(reference_pipe, 5, prompt="a dog", guidance_scale=0.0)[0]
+    )
+    assert json.loads(Image.open(tmp_path / "dog_001.png").text["zimagekit"])["seed"] == 5
+
+
+def test_prompt_file_gives_one_image_per_line_and_no_metadata_turns_it_off(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n", encoding="utf-8")
+    status, _, _ = run(
+        generate(tiny_model_dir, "--prompt-file", prompts, "-o", tmp_path / "out.png", "--no-metadata"), capsys
+    )
+    assert status == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["out_000.png", "out_001.png"]
+    assert "parameters" not in Image.open(tmp_path / "out_001.png").info
+
+
+def test_negative_seed_picks_one_prints_it_and_records_it(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "r.png"
+    status, stdout, _ = run(generate(tiny_model_dir, "a cat", "-s", "-1", "-o", out), capsys)
+    seed = int(stdout.split("seed: ")[1].split()[0])
+    assert status == 0 and seed >= 0
+    assert json.loads(Image.open(out).text["zimagekit"])["seed"] == seed
+
+
+def test_init_image_runs_img2img_like_the_reference(tiny_model_dir, tmp_path, capsys):
+    from diffusers import ZImageImg2ImgPipeline
+
+    source = Image.fromarray((np.random.RandomState(1).rand(64, 96, 3) * 255).astype(np.uint8))
+    source.save(tmp_path / "in.png")
+    out = tmp_path / "i2i.png"
+    status, _, _ = run(
+        generate(tiny_model_dir, "a cat", "--init-image", tmp_path / "in.png", "--strength", "0.6", "-o", out), capsys
+    )
+    assert status == 0
+    reference = ZImageImg2ImgPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        prompt="a cat", image=source, strength=0.6, num_inference_steps=3, guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(42),
+    ).images  # fmt: skip
+    assert_same_pixels(out, expected[0])
+    assert "Denoising strength: 0.6" in Image.open(out).text["parameters"]
+
+
+def test_metadata_keeps_non_latin_prompts_and_quotes_separators(tmp_path):
+    from zimagekit.pngmeta import GenerationInfo, png_info
+
+    info = GenerationInfo("一只猫, 水彩", "", 8, 0.0, 1, 64, 64, "Z-Image-Turbo, bf16")
+    Image.new("RGB", (8, 8)).save(tmp_path / "m.png", pnginfo=png_info(info))
+    text = Image.open(tmp_path / "m.png").text
+    assert text["parameters"].splitlines()[0] == "一只猫, 水彩"
+    assert 'Model: "Z-Image-Turbo, bf16"' in text["parameters"]  # A1111 quotes values with commas
+    assert json.loads(text["zimagekit"])["prompt"] == "一只猫, 水彩"
+
+
+def test_help_explains_every_flag(capsys):
+    status, stdout, _ = run(["generate", "--help"], capsys)
+    assert status == 0
+    for flag in [
+        "-p TEXT, --prompt TEXT", "-n TEXT, --negative-prompt TEXT", "-o FILE, --output FILE", "-W PX", "-H PX",
+        "-s N, --seed N", "--steps",
+        "--cfg-scale", "--guidance-scale", "--num-images", "--prompt-file", "--model", "--dtype", "--device",
+        "--init-image", "--strength", "--offload", "--no-metadata", "--cfg-normalization", "--cfg-truncation",
+    ]:  # fmt: skip
+        assert flag in stdout, flag
+
+
+# -- bad input: one line, status 2, no file ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["-W", "1000"], ["width 1000 is not a multiple of 16", "992 or 1008"]),
+        (["-H", "70"], ["height 70 is not a multiple of 16", "64 or 80"]),
+        (["--steps", "0"], ["--steps must be at least 1"]),
+        (["--dtype", "int8"], ["unknown dtype 'int8'"]),
+        (["--device", "gpu9"], ["unknown device 'gpu9'"]),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["is not available"]),
+        (["--strength", "0.5"], ["--strength needs --init-image"]),
+        (["--steps", "three"], ["invalid int value"]),
+    ],
+)
+def test_bad_flags(tiny_model_dir, tmp_path, capsys, extra, fragments):
+    out = tmp_path / "x.png"
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-o", out, *extra), capsys)
+    assert_one_line_error(status, err, *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("strength", ["0", "1.5", "-0.2"])
+def test_strength_outside_0_1(tiny_model_dir, tmp_path, capsys, strength):
+    Image.new("RGB", (96, 64)).save(tmp_path / "in.png")
+    status, _, err = run(
+        generate(
+            tiny_model_dir,
+            "a cat",
+            "--init-image",
+            tmp_path / "in.png",
+            "--strength",
+            strength,
+            "-o",
+            tmp_path / "x.png",
+        ),
+        capsys,
+    )
+    assert_one_line_error(status, err, "--strength must be in (0, 1]")
+
+
+def test_empty_prompt_file(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("\n  \n", encoding="utf-8")
+    status, _, err = run(generate(tiny_model_dir, "--prompt-file", tmp_path / "p.txt"), capsys)
+    assert_one_line_error(status, err, "has no prompts")
+
+
+def test_no_prompt_at_all(tiny_model_dir, capsys):
+    status, _, err = run(generate(tiny_model_dir), capsys)
+    assert_one_line_error(status, err, "no prompt")
+
+
+def test_model_folder_missing(tmp_path, capsys):
+    status, _, err = run(generate(tmp_path / "nowhere", "a cat", "-o", tmp_path / "x.png"), capsys)
+    assert_one_line_error(status, err, "does not exist")
+
+
+def test_model_folder_missing_a_component(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in tiny_model_dir.iterdir():
+        if item.name != "text_encoder":
+            (model / item.name).symlink_to(item)
+    status, _, err = run(generate(model, "a cat", "-o", tmp_path / "x.png"), capsys)
+    assert_one_line_error(status, err, "missing the text_encoder/ component")
+    assert not (tmp_path / "x.png").exists()
+
+
+def model_with_damaged(tiny_model_dir, tmp_path, component, damage):
+    """A copy of the tiny folder (links, except the damaged component's weights file)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in tiny_model_dir.iterdir():
+        if item.name == component:
+            shutil.copytree(item, model / component)
+        else:
+            (model / item.name).symlink_to(item)
+    weights = next((model / component).glob("*.safetensors"))
+    weights.write_bytes(damage(weights.read_bytes()))
+    return model
+
+
+@pytest.mark.parametrize(
+    "component,damage",
+    [
+        ("transformer", lambda data: b"\x00garbage" * 64),
+        ("vae", lambda data: data[: len(data) // 2]),
+        ("text_encoder", lambda data: data[:-1000]),
+    ],
+    ids=["corrupt transformer", "truncated vae", "truncated text encoder"],
+)
+def test_damaged_weights_name_the_component(tiny_model_dir, tmp_path, capsys, component, damage):
+    model = model_with_damaged(tiny_model_dir, tmp_path, component, damage)
+    out = tmp_path / "x.png"
+    status, _, err = run(generate(model, "a cat", "-o", out), capsys)
+    assert_one_line_error(status, err, component)
+    assert not out.exists()
+
+
+def test_unwritable_output_path(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-o", tmp_path / "afile" / "x.png"), capsys)
+    assert_one_line_error(status, err, "cannot write to", "not an existing folder")
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-o", tmp_path / "x.gif"), capsys)
+    assert_one_line_error(status, err, "must end in one of")
+
+
+def test_a_failed_write_leaves_no_file(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def broken_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-o", tmp_path / "x.png"), capsys)
+    assert_one_line_error(status, err, "cannot write", "disk full")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_prints_one_line_and_exits_2(tmp_path):
+    script = Path(sys.executable).with_name("zimagekit")
+    result = subprocess.run(
+        [str(script), "generate", "a cat", "--model", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_eval_subcommand_judges_a_folder_of_ground_truth_renders(tmp_path, capsys):
+    from zimagekit.shapes.world import eval_prompts, render, scene_for_prompt
+
+    rows = []
+    for i, prompt in enumerate(eval_prompts()[::9]):
+        name = f"img_{i:03d}.png"
+        Image.fromarray(render(scene_for_prompt(prompt, i))).save(tmp_path / name)
+        rows.append(json.dumps({"file_name": name, "prompt": prompt.text}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["eval", str(tmp_path)]) == 0
+    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(results) == len(rows) and all(r["correct"] for r in results)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0 and "usage: zimagekit eval" in capsys.readouterr().out
