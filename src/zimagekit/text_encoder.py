@@ -26,7 +26,38 @@ logger = logging.getLogger(__name__)
 # Distinct prompts encoded per forward; bounds activation memory for long prompt files.
 ENCODE_BATCH = 8
 
-__all__ = ["Qwen3TextEncoder", "chat_prompt"]
+__all__ = ["QWEN3_ADDED_TOKENS", "QWEN3_CHAT_TEMPLATE", "Qwen3TextEncoder", "chat_prompt"]
+
+# Qwen3's added tokens in id order (151643 ...), after the 151,643 byte-level BPE ranks.
+QWEN3_ADDED_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+]  # fmt: skip
+
+# The Qwen3 chat template, reduced to what a prompt goes through: system/user/assistant turns
+# and the generation prompt; enable_thinking=False would add an empty think block, True adds
+# nothing (as the stock template). Qwen3's tokenizer and the shapes tokenizer both use it.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:
