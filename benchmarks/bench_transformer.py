@@ -7,7 +7,7 @@ Cases (issue 2):
       and 12 tokens (a prompt and the empty negative prompt after the chat template);
   (b) dim 512, 8 layers, 8 heads: one 64x64 latent with 64 caption tokens, fp32 and bf16.
 Prints ms for ours and the oracle, the speed-up ratio, achieved GFLOP/s (model FLOPs from
-the formula below over measured time) and its fraction of a square-GEMM peak measured by
+zimagekit.s3dit.forward_flops over measured time) and its fraction of a square-GEMM peak measured by
 this script in the same dtype. Ours and the oracle are timed alternately, median of runs.
 """
 
@@ -20,28 +20,7 @@ import time
 import torch
 from diffusers import ZImageTransformer2DModel
 
-from zimagekit.s3dit import S3DiT, S3DiTConfig, _round_up
-
-
-def model_flops(cfg: S3DiTConfig, img_tokens: list[int], cap_tokens: list[int]) -> float:
-    """Forward FLOPs (2 per multiply-add) of the GEMMs and attention, counting the
-    per-sample padded streams (pad tokens are computed) but not batch padding."""
-    d, f = cfg.dim, cfg.ffn_dim
-
-    def block(n, modulated=True):
-        linear = 2 * n * (4 * d * d + 3 * d * f)
-        attention = 2 * 2 * n * n * d  # QK^T and PV
-        return linear + attention + (2 * cfg.adaln_dim * 4 * d if modulated else 0)
-
-    total = 0.0
-    patch_dim = cfg.all_patch_size[0] ** 2 * cfg.all_f_patch_size[0] * cfg.in_channels
-    for ni, nc in zip(img_tokens, cap_tokens):
-        xi, xc = _round_up(ni), _round_up(nc)
-        total += 2 * ni * patch_dim * d + 2 * nc * cfg.cap_feat_dim * d  # embedders
-        total += cfg.n_refiner_layers * (block(xi) + block(xc, modulated=False))
-        total += cfg.n_layers * block(xi + xc)
-        total += 2 * ni * d * patch_dim  # final layer on image tokens
-    return total
+from zimagekit.s3dit import S3DiT, S3DiTConfig, forward_flops
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -91,7 +70,7 @@ def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
             ms_ref += timed(run_ref, 1)
             ms_ours += timed(run_ours, 1)
     t_ref, t_ours = statistics.median(ms_ref), statistics.median(ms_ours)
-    flops = model_flops(cfg, [(h // 2) * (w // 2)] * len(x), cap_lens)
+    flops = forward_flops(cfg, [(h // 2) * (w // 2)] * len(x), cap_lens)
     return dict(case=name, dtype=str(dtype).removeprefix("torch."), ours=t_ours * 1e3, ref=t_ref * 1e3,
                 ratio=t_ref / t_ours, gflops=flops / t_ours / 1e9, rel_err=diff / scale)
 

@@ -72,3 +72,23 @@ def test_bad_inputs_raise_clear_errors():
         model([torch.zeros(16, 1, 4, 4)] * 2, torch.zeros(2), [torch.zeros(3, 64)])
     with pytest.raises(ZImageKitError, match="exceeds axes_lens"):
         model([torch.zeros(16, 1, 4, 4)], torch.zeros(1), [torch.zeros(1100, 64)])
+
+
+def test_forward_flops_agree_with_torchs_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zimagekit.s3dit import forward_flops
+
+    cfg = S3DiTConfig(dim=128, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=64,
+                      axes_dims=(16, 24, 24))
+    model = S3DiT(cfg)
+    x = [torch.zeros(16, 1, 12, 20)] * 2  # 60 image tokens, padded to 64
+    caps = [torch.zeros(40, 64)] * 2  # 40 caption tokens, padded to 64
+    # The math backend runs attention as counted bmm's (the CPU flash kernel is not counted);
+    # equal lengths mean no batch padding, which the formula deliberately leaves out.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(2), caps)
+    measured = counter.get_total_flops()
+    # Left out of the formula: the timestep MLP and the final layer's adaLN (tiny GEMMs).
+    assert abs(forward_flops(cfg, [60, 60], [40, 40]) - measured) / measured < 0.01

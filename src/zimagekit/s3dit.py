@@ -641,3 +641,24 @@ def parameter_breakdown(model: S3DiT) -> dict[str, int]:
     out["total"] = sum(out.values())
     assert out["total"] == n(model), "breakdown misses parameters"
     return out
+
+
+def forward_flops(cfg: S3DiTConfig, img_tokens: list[int], cap_tokens: list[int]) -> float:
+    """Forward FLOPs (2 per multiply-add) of the GEMMs and attention, counting the
+    per-sample padded streams (pad tokens are computed) but not batch padding."""
+    d, f = cfg.dim, cfg.ffn_dim
+
+    def block(n, modulated=True):
+        linear = 2 * n * (4 * d * d + 3 * d * f)
+        attention = 2 * 2 * n * n * d  # QK^T and PV
+        return linear + attention + (2 * cfg.adaln_dim * 4 * d if modulated else 0)
+
+    total = 0.0
+    patch_dim = cfg.all_patch_size[0] ** 2 * cfg.all_f_patch_size[0] * cfg.in_channels
+    for ni, nc in zip(img_tokens, cap_tokens):
+        xi, xc = _round_up(ni), _round_up(nc)
+        total += 2 * ni * patch_dim * d + 2 * nc * cfg.cap_feat_dim * d  # embedders
+        total += cfg.n_refiner_layers * (block(xi) + block(xc, modulated=False))
+        total += cfg.n_layers * block(xi + xc)
+        total += 2 * ni * d * patch_dim  # final layer on image tokens
+    return total

@@ -31,9 +31,11 @@ __all__ = [
     "img2img_start",
     "noise_from_velocity",
     "sample_euler",
+    "shift_sigmas",
     "sigma_from_time",
     "time_from_sigma",
     "time_shift",
+    "training_sigmas",
     "velocity",
     "x0_from_velocity",
 ]
@@ -141,21 +143,36 @@ def get_sigmas(num_steps: int, config: ScheduleConfig, image_seq_len: int | None
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    sigmas = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32)
-    if config.use_dynamic_shifting:
-        if image_seq_len is None:
-            raise ValueError("dynamic shifting needs image_seq_len")
-        mu = flux_mu(
-            image_seq_len,
-            config.base_image_seq_len,
-            config.max_image_seq_len,
-            config.base_shift,
-            config.max_shift,
-        )
-        sigmas = dynamic_time_shift(sigmas, mu)
-    else:
-        sigmas = time_shift(sigmas, config.shift)
+    sigmas = shift_sigmas(torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32), config, image_seq_len)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def shift_sigmas(sigmas, config: ScheduleConfig, image_seq_len: int | None = None):
+    """Apply the config's shift: Flux's dynamic shift by token count when
+    ``use_dynamic_shifting``, else the static ``time_shift``. Sampling and training share it,
+    so a model is sampled with the noise levels it was trained on."""
+    if not config.use_dynamic_shifting:
+        return time_shift(sigmas, config.shift)
+    if image_seq_len is None:
+        raise ValueError("dynamic shifting needs image_seq_len")
+    mu = flux_mu(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    return dynamic_time_shift(sigmas, mu)
+
+
+def training_sigmas(
+    batch: int,
+    config: ScheduleConfig,
+    image_seq_len: int | None = None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Noise levels for flow-matching training: logit-normal ``σ = sigmoid(n)``,
+    ``n ~ N(logit_mean, logit_std²)`` (SD3's sampling, which Z-Image pre-training uses),
+    then the same shift as :func:`get_sigmas` (Z-Image trains with Flux-style dynamic
+    shifting by resolution)."""
+    n = torch.randn(batch, generator=generator) * logit_std + logit_mean
+    return shift_sigmas(torch.sigmoid(n), config, image_seq_len)
 
 
 def img2img_start(num_steps: int, strength: float) -> int:
