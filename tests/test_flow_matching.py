@@ -80,7 +80,7 @@ def test_a_tiny_s3dit_learns_two_captioned_latents(tmp_path):
     cfg = FlowMatchingConfig(model=S3DiTConfig(dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                                cap_feat_dim=16, axes_dims=(8, 12, 12), axes_lens=(64, 16, 16)))
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(tmp_path), name="fm"),
-                              train=dataclasses.replace(cfg.train, steps=60, batch_size=4, log_every=10, ckpt_every=60,
+                              train=dataclasses.replace(cfg.train, steps=120, batch_size=4, log_every=10, ckpt_every=120,
                                                         progress=False),
                               optim=dataclasses.replace(cfg.optim, lr=3e-3, warmup_steps=5))
     model = S3DiT(cfg.model)
