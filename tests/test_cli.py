@@ -293,3 +293,22 @@ def test_eval_subcommand_judges_a_folder_of_ground_truth_renders(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         main(["eval", "--help"])
     assert e.value.code == 0 and "usage: zimagekit eval" in capsys.readouterr().out
+
+
+def test_folder_defaults_set_steps_guidance_and_size(tiny_model_dir, reference_pipe, tmp_path, capsys):
+    """A folder may record its own sampling defaults (model_index.json "_zimagekit_defaults",
+    as the shipped shapes models do); without flags, generate uses them."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_zimagekit_defaults"] = {"num_inference_steps": 2, "guidance_scale": 1.5, "height": 32, "width": 48}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    out = tmp_path / "d.png"
+    argv = ["generate", "--model", folder, "--dtype", "fp32", "--device", "cpu", "--no-progress", "a cat", "-s", "4", "-o", out]
+    status, _, err = run(argv, capsys)
+    assert status == 0, err
+    expected = reference_pipe(prompt="a cat", height=32, width=48, num_inference_steps=2, guidance_scale=1.5,
+                              generator=torch.Generator().manual_seed(4)).images[0]
+    assert_same_pixels(out, expected)
+    fields = dict(item.split(": ", 1) for item in Image.open(out).text["parameters"].splitlines()[-1].split(", "))
+    assert fields["Steps"] == "2" and fields["CFG scale"] == "1.5" and fields["Size"] == "48x32"

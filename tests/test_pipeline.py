@@ -284,3 +284,21 @@ def test_components_from_different_models_are_refused(tiny_model_dir, tmp_path):
     config_path.write_text(json.dumps({**config, "cap_feat_dim": 2560}))
     with pytest.raises(ZImageKitError, match="text_encoder hidden_size 16 != transformer cap_feat_dim 2560"):
         ZImagePipeline.from_pretrained(tmp_path / "m")
+
+
+def test_folder_defaults_survive_save_and_diffusers_still_loads_the_folder(zimage_pipe, tmp_path):
+    import json
+
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+
+    from zimagekit.pipeline import TURBO_DEFAULTS, ZImagePipeline
+
+    zimage_pipe.defaults = {**TURBO_DEFAULTS, "num_inference_steps": 30, "guidance_scale": 3.0}
+    try:
+        zimage_pipe.save_pretrained(tmp_path)
+    finally:
+        zimage_pipe.defaults = dict(TURBO_DEFAULTS)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_zimagekit_defaults"] == {"num_inference_steps": 30, "guidance_scale": 3.0}
+    assert ZImagePipeline.from_pretrained(tmp_path).defaults["num_inference_steps"] == 30
+    DiffusersZImagePipeline.from_pretrained(tmp_path)  # diffusers ignores the underscore key

@@ -24,7 +24,6 @@ from pathlib import Path
 from . import __version__
 from .errors import ZImageKitError
 
-DEFAULT_STEPS = 8  # Z-Image-Turbo: 8 NFEs, no guidance
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
@@ -150,18 +149,18 @@ def _add_generate(commands) -> None:
         help="random seed; negative picks one at random. Image k of a run uses seed + k (default: 42)",
     )
     g.add_argument(
-        "--steps", "--num-inference-steps", dest="steps", type=int, default=DEFAULT_STEPS, metavar="N",
-        help=f"denoising steps = transformer calls (default: {DEFAULT_STEPS})",
+        "--steps", "--num-inference-steps", dest="steps", type=int, default=None, metavar="N",
+        help="denoising steps = transformer calls (default: the model folder's, else Turbo's 8)",
     )  # fmt: skip
     g.add_argument(
         "--cfg-scale",
         "--guidance-scale",
         dest="cfg_scale",
         type=float,
-        default=0.0,
+        default=None,
         metavar="W",
         help="guidance w in pred = pos + w*(pos - neg), diffusers' Z-Image convention (standard CFG scale minus 1); "
-        "0 turns it off, as Turbo wants (default: 0)",
+        "0 turns it off, as Turbo wants (default: the model folder's, else 0)",
     )
     g.add_argument(
         "--cfg-normalization",
@@ -191,7 +190,7 @@ def _add_generate(commands) -> None:
         default=os.environ.get("ZIMAGEKIT_MODEL"),
         metavar="FOLDER",
         help="Z-Image folder in the Hugging Face layout: model_index.json, transformer/, text_encoder/, tokenizer/, "
-        "vae/, scheduler/ (default: $ZIMAGEKIT_MODEL)",
+        "vae/, scheduler/ (default: $ZIMAGEKIT_MODEL, else the shapes-world model shipped with zimagekit)",
     )
     g.add_argument(
         "--dtype",
@@ -266,11 +265,11 @@ def _output_paths(output: str, count: int) -> list[Path]:
 
 
 def _check_numbers(args) -> None:
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ZImageKitError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise ZImageKitError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.cfg_scale < 0:
+    if args.cfg_scale is not None and args.cfg_scale < 0:
         raise ZImageKitError(f"--cfg-scale must be >= 0 (0 turns guidance off), got {args.cfg_scale}")
     if args.cfg_normalization < 0:
         raise ZImageKitError(f"--cfg-normalization must be >= 0, got {args.cfg_normalization}")
@@ -309,7 +308,10 @@ def _generate(args) -> int:
     # Cheap checks first, so a typo never waits for gigabytes of weights.
     prompts = _prompts(args)
     _check_numbers(args)
-    if args.model is None:
+    from .pipeline import default_model_folder
+
+    model = args.model or default_model_folder()
+    if model is None:
         raise ZImageKitError(
             "no model: pass --model FOLDER (a Z-Image folder in the Hugging Face layout) or set ZIMAGEKIT_MODEL"
         )
@@ -330,10 +332,12 @@ def _generate(args) -> int:
     from .pngmeta import GenerationInfo, png_info
 
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
-    folder = ModelFolder.open(args.model)
+    folder = ModelFolder.open(model)
     multiple = folder.image_multiple
-    width = args.width or (init_image.width // multiple * multiple if init_image else 1024)
-    height = args.height or (init_image.height // multiple * multiple if init_image else 1024)
+    width = args.width or (init_image.width // multiple * multiple if init_image else folder.defaults["width"])
+    height = args.height or (init_image.height // multiple * multiple if init_image else folder.defaults["height"])
+    steps = args.steps if args.steps is not None else folder.defaults["num_inference_steps"]
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else folder.defaults["guidance_scale"]
     check_image_size(width, height, multiple)
 
     seed = args.seed if args.seed >= 0 else random.SystemRandom().randrange(2**32)
@@ -342,7 +346,7 @@ def _generate(args) -> int:
     # Text encoder first, alone: encode every prompt, drop it, then load the transformer, so the
     # two are never in memory together (the README's memory plan).
     encoder = load_text_encoder(folder.root, dtype, device)
-    use_cfg = args.cfg_scale > 0
+    use_cfg = cfg_scale > 0
     embeds = encoder.encode(prompts, args.max_sequence_length)
     negative = encoder.encode([args.negative_prompt], args.max_sequence_length)[0] if use_cfg else None
     del encoder
@@ -359,8 +363,8 @@ def _generate(args) -> int:
             negative_prompt_embeds=[negative] if use_cfg else None,
             height=height,
             width=width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.cfg_scale,
+            num_inference_steps=steps,
+            guidance_scale=cfg_scale,
             cfg_normalization=args.cfg_normalization,
             cfg_truncation=args.cfg_truncation,
             num_images_per_prompt=args.num_images,
@@ -373,8 +377,8 @@ def _generate(args) -> int:
             info = GenerationInfo(
                 prompt=prompt,
                 negative_prompt=args.negative_prompt if use_cfg else "",
-                steps=args.steps,
-                cfg_scale=args.cfg_scale,
+                steps=steps,
+                cfg_scale=cfg_scale,
                 seed=image_seed,
                 width=width,
                 height=height,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,23 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 # ---------------------------------------------------------------------------------------------
 
 
+# Z-Image-Turbo's sampling defaults: 8 transformer calls, no guidance, 1024².
+TURBO_DEFAULTS = {"num_inference_steps": 8, "guidance_scale": 0.0, "height": 1024, "width": 1024}
+
+# Models that ship inside the package, most preferred first: the few-step student once it
+# exists, else the teacher.
+SHIPPED_MODELS = Path(__file__).parent / "models"
+SHIPPED_PREFERENCE = ("shapes-turbo", "shapes-teacher")
+
+
+def default_model_folder() -> Path | None:
+    """The shipped model ``zimagekit generate`` uses when no --model is given."""
+    for name in SHIPPED_PREFERENCE:
+        if (SHIPPED_MODELS / name / "model_index.json").is_file():
+            return SHIPPED_MODELS / name
+    return None
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     """A torch dtype from a dtype or a name (fp32/float32, bf16/bfloat16, fp16/float16)."""
     if dtype is None:
@@ -142,6 +159,9 @@ class ModelFolder:
     root: Path
     image_multiple: int
     vae_force_upcast: bool = True  # the VAE runs in fp32 whatever the pipeline dtype
+    # Sampling defaults the folder records (model_index.json "_zimagekit_defaults", which
+    # diffusers ignores); a model without them gets Turbo's.
+    defaults: dict = field(default_factory=lambda: dict(TURBO_DEFAULTS))
 
     @classmethod
     def open(cls, folder: str | Path) -> ModelFolder:
@@ -151,7 +171,10 @@ class ModelFolder:
             raise ZImageKitError(f"model folder {root} does not exist; pass a Z-Image folder ({layout})")
         if not root.is_dir():
             raise ZImageKitError(f"model path {root} is not a folder; pass a Z-Image folder ({layout})")
-        _read_json(root / "model_index.json", f"a Z-Image folder has {layout}")
+        index = _read_json(root / "model_index.json", f"a Z-Image folder has {layout}")
+        defaults = index.get("_zimagekit_defaults", {})
+        if not isinstance(defaults, dict) or set(defaults) - set(TURBO_DEFAULTS):
+            raise ZImageKitError(f"{root / 'model_index.json'}: _zimagekit_defaults may only set {sorted(TURBO_DEFAULTS)}")
         for name, config in COMPONENT_CONFIGS.items():
             if not (root / name).is_dir():
                 raise ZImageKitError(
@@ -176,7 +199,8 @@ class ModelFolder:
             if a is not None and b is not None and a != b:
                 raise ZImageKitError(f"{root}: {what}; the components come from different models")
         multiple = vae_downsampling(vae.get("block_out_channels", [0] * 4)) * transformer.get("all_patch_size", [2])[0]
-        return cls(root, multiple, vae_force_upcast=vae.get("force_upcast", True))
+        return cls(root, multiple, vae_force_upcast=vae.get("force_upcast", True),
+                   defaults={**TURBO_DEFAULTS, **defaults})
 
     def component(self, name: str) -> Path:
         return self.root / name
@@ -263,8 +287,10 @@ class ZImagePipeline:
         device: torch.device | str | None = None,
         offload: bool = False,
         scheduler_config: dict | None = None,
+        defaults: dict | None = None,
     ):
         self.transformer = transformer
+        self.defaults = {**TURBO_DEFAULTS, **(defaults or {})}
         self.vae = vae
         self.text_encoder = text_encoder
         self.schedule = schedule or ScheduleConfig()
@@ -314,7 +340,7 @@ class ZImagePipeline:
             text_encoder = _load_text_encoder(model, dtype, home)
         else:
             text_encoder = Qwen3TextEncoder(None, None, model.component("text_encoder"), model.component("tokenizer"))
-        return cls(transformer, vae, text_encoder, schedule, device, offload, raw_schedule)
+        return cls(transformer, vae, text_encoder, schedule, device, offload, raw_schedule, model.defaults)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the Hugging Face layout (loadable by this class and by diffusers)."""
@@ -330,7 +356,11 @@ class ZImagePipeline:
         }
         (folder / "scheduler").mkdir(exist_ok=True)
         (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-        (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+        index = dict(MODEL_INDEX)
+        own = {k: v for k, v in self.defaults.items() if TURBO_DEFAULTS[k] != v}
+        if own:
+            index["_zimagekit_defaults"] = own
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     # -- components on and off the device ----------------------------------------------------
 
@@ -370,8 +400,8 @@ class ZImagePipeline:
         negative_prompt: str | Sequence[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 8,
-        guidance_scale: float = 0.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         cfg_normalization: float | bool = 0.0,
         cfg_truncation: float = 1.0,
         num_images_per_prompt: int = 1,
@@ -387,7 +417,9 @@ class ZImagePipeline:
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
     ):
-        """Generate images; defaults are Z-Image-Turbo's (8 steps, no guidance, 1024²).
+        """Generate images. ``None`` arguments take the model folder's defaults
+        (``self.defaults``), which are Z-Image-Turbo's unless the folder records its own:
+        8 steps, no guidance, 1024².
 
         Args:
             prompt: one prompt or a list (a batch; lengths may differ).  Or pass ``prompt_embeds``.
@@ -415,6 +447,10 @@ class ZImagePipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ZImageKitError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if num_inference_steps is None:
+            num_inference_steps = self.defaults["num_inference_steps"]
+        if guidance_scale is None:
+            guidance_scale = self.defaults["guidance_scale"]
         if num_inference_steps < 1:
             raise ZImageKitError(f"steps must be at least 1, got {num_inference_steps}")
         if num_images_per_prompt < 1:
@@ -458,7 +494,7 @@ class ZImagePipeline:
         if images is not None:
             height = height or images[0].height // self.image_multiple * self.image_multiple
             width = width or images[0].width // self.image_multiple * self.image_multiple
-        height, width = height or 1024, width or 1024
+        height, width = height or self.defaults["height"], width or self.defaults["width"]
         check_image_size(width, height, self.image_multiple)
         shape = (
             batch,
