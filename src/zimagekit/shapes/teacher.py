@@ -1,0 +1,272 @@
+"""The shapes-world teacher: an S3-DiT pre-trained by flow matching, as Z-Image was, on VAE
+latents of rendered scenes with captions from the shapes text encoder; its export to a
+folder in the Hugging Face layout of Z-Image-Turbo; and its GenEval-style evaluation.
+
+    python -m zimagekit.shapes.teacher train --config configs/shapes/teacher.yaml [key=value ...]
+    python -m zimagekit.shapes.teacher export runs/shapes-teacher OUT_FOLDER
+    python -m zimagekit.shapes.teacher evaluate MODEL_FOLDER --steps 50 --cfg-scale 3 --out docs/...
+
+Both encoders are frozen, so the training set is encoded once and cached: scene i is
+``world.sample_scene(seed + i)``, its latent is the VAE posterior mean (scaled like the
+pipeline does), its caption feature is the text encoder's ``hidden_states[-2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..algorithms.flow_matching import FlowMatching, FlowMatchingConfig
+from ..errors import ZImageKitError
+from ..runconfig import load_config
+from ..s3dit import S3DiT, S3DiTConfig
+from ..trainer import EMA, IndexDataSource, Trainer, seed_everything
+from ..weights import _atomic_write
+from . import world
+from .judge import evaluate as judge_evaluate
+
+IMAGE_SIZE = world.CANVAS
+
+
+@dataclass
+class DataSection:
+    """Where the frozen encoders come from and which scenes make the training set."""
+
+    vae: str = "models/shapes-vae"
+    text_encoder: str = "models/shapes/text_encoder"
+    tokenizer: str = "models/shapes/tokenizer"
+    scenes: int = 20_000
+    seed: int = 0
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class TeacherSection:
+    """How the sample grid is drawn (and the defaults the exported folder records)."""
+
+    steps: int = 30
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class TeacherConfig(FlowMatchingConfig):
+    data: DataSection = field(default_factory=DataSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+
+
+# ----------------------------------------------------------------------------------------
+# Frozen encoders and the cached training set
+# ----------------------------------------------------------------------------------------
+
+
+def load_encoders(data: DataSection):
+    """The shapes VAE (diffusers AutoencoderKL) and text encoder, frozen, fp32, on the CPU."""
+    from diffusers import AutoencoderKL
+
+    from ..text_encoder import Qwen3TextEncoder
+
+    for what, path in (("vae", data.vae), ("text_encoder", data.text_encoder), ("tokenizer", data.tokenizer)):
+        if not Path(path).is_dir():
+            raise ZImageKitError(f"data.{what}: no folder {path}; train it first (see README, 'Shapes world')")
+    vae = AutoencoderKL.from_pretrained(data.vae).float().eval().requires_grad_(False)
+    text = Qwen3TextEncoder.from_pretrained(data.text_encoder, data.tokenizer, dtype=torch.float32)
+    return vae, text
+
+
+def _fingerprint(data: DataSection) -> str:
+    """Cache key: the scene range and the bytes of both encoders' weights and configs."""
+    h = hashlib.sha256(f"{data.scenes}:{data.seed}:{world.CANVAS}".encode())
+    for folder in (data.vae, data.text_encoder, data.tokenizer):
+        for f in sorted(Path(folder).iterdir()):
+            if f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_scenes(data: DataSection, vae, text, batch: int = 64) -> dict[str, torch.Tensor]:
+    """Latents (N, C, h, w) and caption features of scenes ``seed .. seed + N - 1``, cached in
+    ``data.cache_dir`` under a key of the encoders' bytes, so a retrained encoder never
+    reuses stale latents. Captions repeat a lot in this world: each distinct one is encoded once."""
+    path = Path(data.cache_dir) / f"shapes-{_fingerprint(data)}.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    scenes = [world.sample_scene(data.seed + i) for i in range(data.scenes)]
+    captions = sorted({s.caption for s in scenes})
+    feats = text.encode(captions)
+    which = {c: i for i, c in enumerate(captions)}
+    cfg = vae.config
+    latents = []
+    for i in range(0, len(scenes), batch):
+        pixels = np.stack([world.render(s) for s in scenes[i : i + batch]])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = vae.encode(x).latent_dist.mean
+        latents.append((z - cfg.shift_factor) * cfg.scaling_factor)
+    out = {
+        "latents": torch.cat(latents).contiguous(),
+        "caption_index": torch.tensor([which[s.caption] for s in scenes]),
+        "caption_lengths": torch.tensor([len(f) for f in feats]),
+        "caption_features": torch.cat([f.float() for f in feats]).contiguous(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda p: save_file(out, str(p)))
+    return out
+
+
+def data_source(encoded: dict[str, torch.Tensor], batch_size: int, seed: int) -> IndexDataSource:
+    feats = list(encoded["caption_features"].split(encoded["caption_lengths"].tolist()))
+    latents, caption_of = encoded["latents"], encoded["caption_index"].tolist()
+
+    def make_batch(idx):
+        return {"latents": latents[idx].unsqueeze(2), "captions": [feats[caption_of[i]] for i in idx]}
+
+    return IndexDataSource(make_batch, len(latents), batch_size, seed=seed)
+
+
+def make_sampler(vae, text, schedule, steps: int, guidance_scale: float):
+    """``sampler(model, prompts, seeds)`` for the trainer's grid: the real pipeline around the
+    model being trained."""
+    from ..pipeline import ZImagePipeline
+
+    def sample(model, prompts, seeds):
+        pipe = ZImagePipeline(model, vae, text, schedule)
+        return [pipe(p, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
+                     seed=s, progress=False)[0] for p, s in zip(prompts, seeds)]
+
+    return sample
+
+
+# ----------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------
+
+
+def train(cfg: TeacherConfig) -> Path:
+    seed_everything(cfg.run.seed)
+    vae, text = load_encoders(cfg.data)
+    if cfg.model.cap_feat_dim != text.model.config.hidden_size:
+        raise ZImageKitError(f"model.cap_feat_dim={cfg.model.cap_feat_dim} but the text encoder's hidden size is "
+                             f"{text.model.config.hidden_size}; set model.cap_feat_dim={text.model.config.hidden_size}")
+    if cfg.model.in_channels != vae.config.latent_channels:
+        raise ZImageKitError(f"model.in_channels={cfg.model.in_channels} but the VAE has {vae.config.latent_channels} "
+                             f"latent channels; set model.in_channels={vae.config.latent_channels}")
+    encoded = encode_scenes(cfg.data, vae, text)
+    latent_hw = encoded["latents"].shape[-2:]
+    p = cfg.model.all_patch_size[0]
+    tokens = (latent_hw[0] * latent_hw[1] // p**2, int(encoded["caption_lengths"].float().mean()))
+    model = S3DiT(cfg.model)
+    sampler = make_sampler(vae, text, cfg.flow.schedule, cfg.teacher.steps, cfg.teacher.guidance_scale)
+    algorithm = FlowMatching(model, cfg.flow, text.encode([""])[0].float(), sampler, tokens_per_sample=tokens)
+    trainer = Trainer(cfg, algorithm, data_source(encoded, cfg.train.batch_size, cfg.data.seed))
+    trainer.fit()
+    return trainer.run_dir
+
+
+def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
+    """Write the run's latest transformer (EMA weights by default) with the encoders it was
+    trained on as a Z-Image folder (model_index.json, transformer/, text_encoder/,
+    tokenizer/, vae/, scheduler/), recording the sampling defaults in model_index.json."""
+    from ..pipeline import ZImagePipeline
+
+    cfg = load_config(TeacherConfig, run_dir / "config.yaml")
+    ckpt_dir = run_dir / "checkpoints"
+    if not (ckpt_dir / "latest").exists():
+        raise ZImageKitError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
+    ckpt = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    model = S3DiT(cfg.model)
+    model.load_state_dict(load_file(str(ckpt / "transformer.safetensors")))
+    weights = contextlib.nullcontext()
+    if use_ema:
+        ema = EMA(model, decay=0.0, start_step=0)
+        ema.load_state_dict(load_file(str(ckpt / "transformer_ema.safetensors")))
+        weights = ema.swapped_in()
+    vae, text = load_encoders(cfg.data)
+    defaults = {"num_inference_steps": cfg.teacher.steps, "guidance_scale": cfg.teacher.guidance_scale,
+                "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with weights:
+        ZImagePipeline(model, vae, text, cfg.flow.schedule, defaults=defaults).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+@torch.no_grad()
+def evaluate(model_folder: Path, steps: int, guidance_scale: float, images_per_prompt: int = 4, out: Path | None = None):
+    """Generate ``images_per_prompt`` images (seeds 0..k-1) for every held-out eval prompt and
+    judge them; returns the judge's report. With ``out``, also writes results.jsonl, the
+    summary table and a grid of the first image of each prompt."""
+    from ..pipeline import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(model_folder)
+    prompts = world.eval_prompts()
+    samples = []
+    for prompt in prompts:
+        for seed in range(images_per_prompt):
+            image = pipe(prompt.text, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, seed=seed, progress=False)[0]
+            samples.append((image, prompt.text, {"seed": seed}))
+    report = judge_evaluate(samples)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_jsonl(out / "results.jsonl")
+        (out / "summary.txt").write_text(report.summary() + "\n")
+        firsts = [img for img, _, ids in samples if ids["seed"] == 0]
+        _grid(firsts, cols=18).save(out / "grid.png")
+    return report
+
+
+def _grid(images, cols: int):
+    from PIL import Image
+
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zimagekit.shapes.teacher", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="flow-matching pre-training of the shapes teacher")
+    t.add_argument("--config", type=Path, help="YAML/TOML run config (default: the dataclass defaults)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=2000")
+    e = sub.add_parser("export", help="write a run's EMA transformer + encoders as a Z-Image model folder")
+    e.add_argument("run_dir", type=Path, help="the training run directory (holds config.yaml and checkpoints/)")
+    e.add_argument("out", type=Path, help="the model folder to write (replaced if it exists)")
+    e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    v = sub.add_parser("evaluate", help="judge a model folder on the held-out eval prompts")
+    v.add_argument("model", type=Path, help="a Z-Image model folder")
+    v.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    v.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w in pos + w(pos - neg) (default 3)")
+    v.add_argument("--images-per-prompt", type=int, default=4, help="seeds 0..k-1 per prompt (default 4)")
+    v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt and grid.png")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            print(f"run directory: {train(load_config(TeacherConfig, args.config, args.overrides))}")
+        elif args.command == "export":
+            export(args.run_dir, args.out, use_ema=not args.no_ema)
+            print(f"wrote {args.out}")
+        else:
+            print(evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out).summary())
+    except ZImageKitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The shapes teacher's plumbing with tiny random encoders: cached data, training through the
+trainer, export to a folder diffusers loads, and evaluation with the judge."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from zimagekit.errors import ZImageKitError
+from zimagekit.s3dit import S3DiTConfig
+from zimagekit.shapes import teacher
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory, qwen3_tokenizer):
+    from diffusers import AutoencoderKL
+    from pipeline_fixtures import TINY_QWEN3, TINY_VAE
+    from transformers import Qwen3Config, Qwen3Model
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_VAE).save_pretrained(root / "vae")
+    Qwen3Model(Qwen3Config(**TINY_QWEN3)).save_pretrained(root / "text_encoder")
+    qwen3_tokenizer.save_pretrained(root / "tokenizer")
+    return teacher.DataSection(vae=str(root / "vae"), text_encoder=str(root / "text_encoder"),
+                               tokenizer=str(root / "tokenizer"), scenes=24, cache_dir=str(root / "cache"))
+
+
+def tiny_config(data, run_dir):
+    cfg = teacher.TeacherConfig(
+        model=S3DiTConfig(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+                          axes_dims=(4, 6, 6), axes_lens=(256, 32, 32)),
+        data=data, teacher=teacher.TeacherSection(steps=2, guidance_scale=1.0))
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir), name="teacher"),
+        train=dataclasses.replace(cfg.train, steps=4, batch_size=4, ckpt_every=4, log_every=2, sample_every=4,
+                                  progress=False),
+        sample=dataclasses.replace(cfg.sample, prompts=["a red circle", "two blue squares"], seeds=[0, 1]))
+
+
+def test_scene_cache_matches_a_fresh_encoding_and_is_reused(encoders):
+    vae, text = teacher.load_encoders(encoders)
+    first = teacher.encode_scenes(encoders, vae, text)
+    assert first["latents"].shape == (24, 16, 8, 8)  # the tiny VAE downsamples 64 px by 8
+    # An independent encoding of scene 5, straight from the world and the two encoders.
+    from zimagekit.shapes import world
+
+    scene = world.sample_scene(encoders.seed + 5)
+    x = torch.from_numpy(world.render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    expected = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert torch.allclose(first["latents"][5], expected[0], atol=1e-5)
+    feats = first["caption_features"].split(first["caption_lengths"].tolist())[int(first["caption_index"][5])]
+    assert torch.allclose(feats, text.encode([scene.caption])[0], atol=1e-5)
+    again = teacher.encode_scenes(encoders, vae, text)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_train_export_and_evaluate(encoders, tmp_path):
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+
+    from zimagekit.pipeline import ZImagePipeline
+
+    run_dir = teacher.train(tiny_config(encoders, tmp_path))
+    assert (run_dir / "samples" / "step_0000004.png").exists()
+    out = tmp_path / "shapes-teacher"
+    teacher.export(run_dir, out)
+    ours = ZImagePipeline.from_pretrained(out)
+    assert ours.defaults == {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
+    DiffusersZImagePipeline.from_pretrained(out)  # the exported folder is a real Z-Image folder
+    report = teacher.evaluate(out, steps=1, guidance_scale=0.0, images_per_prompt=1, out=tmp_path / "eval")
+    assert len(report.records) == 108 and 0.0 <= report.overall <= 1.0
+    assert (tmp_path / "eval" / "grid.png").exists() and (tmp_path / "eval" / "results.jsonl").exists()
+
+
+def test_mismatched_caption_width_is_named(encoders, tmp_path):
+    cfg = tiny_config(encoders, tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cap_feat_dim=32))
+    with pytest.raises(ZImageKitError, match="model.cap_feat_dim=16"):
+        teacher.train(cfg)
