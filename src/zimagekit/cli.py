@@ -1,4 +1,4 @@
-"""The ``zimagekit`` command: ``generate`` and ``eval`` (more subcommands register the same way).
+"""The ``zimagekit`` command: ``generate``, ``eval``, ``inspect`` (more subcommands register the same way).
 
 Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(commands)
     _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
                    "zimagekit.shapes.judge")
+    _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT", "zimagekit.inspection")
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "delegated", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,0 +1,111 @@
+"""``zimagekit inspect``: what an S3-DiT is made of, counted from the modules themselves.
+
+    zimagekit inspect                         # the released z-image-turbo preset
+    zimagekit inspect tiny
+    zimagekit inspect ./Z-Image-Turbo         # a model folder (or its transformer/ folder)
+    zimagekit inspect --caption-tokens 20 --size 1024x768   # token layout and RoPE positions
+
+The model is built on the meta device, so even the 6B preset is counted in milliseconds
+without memory. The token layout follows the forward pass (spec §2): caption tokens padded
+to a multiple of 32 with attended pad tokens at positions (1 + j, 0, 0); image tokens at
+(caption_padded + 1 + f, h, w); image pads at (0, 0, 0); one unified sequence [image, caption].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ZImageKitError
+from .s3dit import PRESETS, S3DiT, S3DiTConfig, _round_up, parameter_breakdown
+
+
+def resolve_config(spec: str) -> S3DiTConfig:
+    """A preset name, a transformer/ folder, or a model folder holding one."""
+    if spec in PRESETS:
+        return S3DiTConfig.preset(spec)
+    path = Path(spec)
+    for candidate in (path / "config.json", path / "transformer" / "config.json"):
+        if candidate.is_file():
+            return S3DiTConfig.from_json(candidate)
+    raise ZImageKitError(f"{spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder with config.json")
+
+
+def breakdown_table(config: S3DiTConfig) -> str:
+    with torch.device("meta"):
+        model = S3DiT(config)
+    counts = parameter_breakdown(model)
+    total = counts["total"]
+    lines = [f"{'part':<26}{'parameters':>16}{'share':>9}"]
+    for name, n in counts.items():
+        if name == "total":
+            continue
+        lines.append(f"{name:<26}{n:>16,}{n / total:>9.2%}")
+    per_block = (counts["layers.attention"] + counts["layers.feed_forward"] + counts["layers.adaLN_modulation"]
+                 + counts["layers.norms"]) // max(config.n_layers, 1)
+    lines += [f"{'total':<26}{total:>16,}", "",
+              f"one main block: {per_block:,} parameters; bf16 weights {total * 2 / 2**30:.2f} GiB, fp32 {total * 4 / 2**30:.2f} GiB"]
+    return "\n".join(lines)
+
+
+def layout_table(config: S3DiTConfig, caption_tokens: int, width: int, height: int, vae_factor: int = 8) -> str:
+    """Token counts, position ids and the head-dim slice each RoPE axis rotates."""
+    p = config.all_patch_size[0]
+    hl, wl = height // vae_factor // p, width // vae_factor // p
+    n_img, n_cap = hl * wl, caption_tokens
+    cap_pad, img_pad = _round_up(n_cap) - n_cap, _round_up(n_img) - n_img
+    cp = _round_up(n_cap)
+    lines = [
+        f"image {width}x{height} px -> latent {width // vae_factor}x{height // vae_factor} -> {wl}x{hl} = {n_img} image tokens "
+        f"(+{img_pad} pad); caption {n_cap} tokens (+{cap_pad} pad)",
+        f"unified sequence: [image {n_img + img_pad}, caption {cp}] = {n_img + img_pad + cp} tokens",
+        "",
+        f"{'tokens':<16}{'count':>7}  position ids (t, h, w)",
+        f"{'caption':<16}{n_cap:>7}  (1, 0, 0) .. ({n_cap}, 0, 0)",
+        f"{'caption pads':<16}{cap_pad:>7}  ({n_cap + 1}, 0, 0) .. ({cp}, 0, 0)" if cap_pad else f"{'caption pads':<16}{0:>7}",
+        f"{'image':<16}{n_img:>7}  ({cp + 1}, 0, 0) .. ({cp + 1}, {hl - 1}, {wl - 1})",
+        f"{'image pads':<16}{img_pad:>7}  (0, 0, 0)",
+        "",
+        f"RoPE (theta {config.rope_theta:g}, interleaved pairs) over head_dim {config.head_dim}:",
+    ]
+    start = 0
+    for name, d, n in zip(("t (caption / frame)", "h", "w"), config.axes_dims, config.axes_lens):
+        lines.append(f"  dims {start:>3}-{start + d - 1:<3} rotate by {name}: {d // 2} frequencies, positions < {n}")
+        start += d
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="zimagekit inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default="z-image-turbo",
+                        help=f"a preset ({', '.join(sorted(PRESETS))}) or a model / transformer folder (default: z-image-turbo)")
+    parser.add_argument("--caption-tokens", type=int, default=None, metavar="N",
+                        help="also show the token layout for a caption of N tokens (after the chat template)")
+    parser.add_argument("--size", default="1024x1024", metavar="WxH", help="image size for the token layout (default 1024x1024)")
+    parser.add_argument("--vae-factor", type=int, default=8, metavar="F", help="VAE downsampling factor (Flux VAE: 8)")
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_config(args.model)
+        print(f"S3-DiT {args.model}: dim {config.dim}, {config.n_layers} layers + {config.n_refiner_layers} noise and "
+              f"{config.n_refiner_layers} context refiners, {config.n_heads} heads of {config.head_dim}\n")
+        print(breakdown_table(config))
+        if args.caption_tokens is not None:
+            try:
+                width, height = (int(v) for v in args.size.lower().split("x"))
+            except ValueError:
+                raise ZImageKitError(f"--size {args.size!r} is not WxH, e.g. 1024x768") from None
+            if args.caption_tokens < 1:
+                raise ZImageKitError("--caption-tokens must be at least 1")
+            print()
+            print(layout_table(config, args.caption_tokens, width, height, args.vae_factor))
+    except ZImageKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
