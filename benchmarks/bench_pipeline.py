@@ -26,17 +26,16 @@ import argparse
 import copy
 import functools
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from pipeline_fixtures import TINY_TRANSFORMER, TINY_VAE, build_qwen3_tokenizer, build_tiny_zimage_folder  # noqa: E402
+from timing import alternate  # noqa: E402
 
 # Qwen3-4B's layout (head_dim 128, 4:1 grouped KV, FFN 3.75x hidden), 1024 wide and 4 deep.
 BENCH_QWEN3 = dict(
@@ -55,25 +54,6 @@ PROMPT = (
 )
 NEGATIVE = "blurry, low quality"
 SIZE, STEPS = 256, 8
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def alternate(ours, ref, repeats: int) -> tuple[float, float]:
-    """Median seconds of ours and the reference, run alternately after one warm-up each."""
-    ours(), ref()
-    a, b = [], []
-    for _ in range(repeats):
-        a += timed(ours, 1)
-        b += timed(ref, 1)
-    return statistics.median(a), statistics.median(b)
 
 
 def load_both(folder: Path, dtype: torch.dtype):

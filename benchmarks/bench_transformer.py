@@ -14,22 +14,12 @@ this script in the same dtype. Ours and the oracle are timed alternately, median
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from diffusers import ZImageTransformer2DModel
 
+from timing import alternate, timed
 from zimagekit.s3dit import S3DiT, S3DiTConfig, forward_flops
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def gemm_peak(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 10) -> float:
@@ -65,11 +55,7 @@ def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
         run_ours = lambda: ours(x, t, caps)
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(run_ref(), run_ours()))
         scale = max(a.float().abs().max().item() for a in run_ref())
-        ms_ref, ms_ours = [], []
-        for _ in range(repeats):  # alternate so drift in machine load hits both alike
-            ms_ref += timed(run_ref, 1)
-            ms_ours += timed(run_ours, 1)
-    t_ref, t_ours = statistics.median(ms_ref), statistics.median(ms_ours)
+        t_ours, t_ref = alternate(run_ours, run_ref, repeats)
     flops = forward_flops(cfg, [(h // 2) * (w // 2)] * len(x), cap_lens)
     return dict(case=name, dtype=str(dtype).removeprefix("torch."), ours=t_ours * 1e3, ref=t_ref * 1e3,
                 ratio=t_ref / t_ours, gflops=flops / t_ours / 1e9, rel_err=diff / scale)

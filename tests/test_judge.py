@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from zimagekit.errors import ZImageKitError
-from zimagekit.shapes.judge import Report, detect_objects, evaluate, judge_image, main
+from zimagekit.shapes.judge import detect_objects, evaluate, judge_image, main
 from zimagekit.shapes.world import (
     COLORS,
     SHAPES,

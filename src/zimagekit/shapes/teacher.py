@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from ..algorithms.flow_matching import FlowMatching, FlowMatchingConfig
 from ..errors import ZImageKitError
 from ..runconfig import load_config
-from ..s3dit import S3DiT, S3DiTConfig
+from ..s3dit import S3DiT
 from ..trainer import EMA, IndexDataSource, Trainer, seed_everything
 from ..weights import _atomic_write
 from . import world
