@@ -42,3 +42,9 @@ def test_unknown_model_is_one_line(capsys):
     assert main(["inspect", "no-such-preset"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 'no-such-preset' is neither a preset") and err.count("\n") == 1
+
+
+def test_inspect_dual_reports_the_counterfactual(capsys):
+    assert main(["inspect", "--dual"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^block total\s+180,910,336\s+361,820,672\s+50\.0%$", out, re.M)

@@ -51,6 +51,22 @@ def breakdown_table(config: S3DiTConfig) -> str:
     return "\n".join(lines)
 
 
+def dual_stream_table(config: S3DiTConfig) -> str:
+    """One main block single- vs dual-stream, and both whole models at this width and depth."""
+    from .dual_stream import DualStreamDiT, block_comparison
+
+    lines = [f"{'one main block':<28}{'single-stream':>16}{'dual-stream':>16}{'saved':>9}"]
+    for part, single, dual in block_comparison(config):
+        lines.append(f"{part:<28}{single:>16,}{dual:>16,}{1 - single / dual:>9.1%}")
+    with torch.device("meta"):
+        single = sum(p.numel() for p in S3DiT(config).parameters())
+        dual = sum(p.numel() for p in DualStreamDiT(config).parameters())
+    lines += ["", f"whole model, {config.n_layers} main blocks: S3-DiT {single:,} (with its "
+              f"{2 * config.n_refiner_layers} refiners) vs MMDiT-style {dual:,} (no refiners): "
+              f"single-stream is {1 - single / dual:.1%} smaller"]
+    return "\n".join(lines)
+
+
 def layout_table(config: S3DiTConfig, caption_tokens: int, width: int, height: int, vae_factor: int = 8) -> str:
     """Token counts, position ids and the head-dim slice each RoPE axis rotates."""
     p = config.all_patch_size[0]
@@ -85,6 +101,8 @@ def main(argv=None) -> int:
     parser.add_argument("--caption-tokens", type=int, default=None, metavar="N",
                         help="also show the token layout for a caption of N tokens (after the chat template)")
     parser.add_argument("--size", default="1024x1024", metavar="WxH", help="image size for the token layout (default 1024x1024)")
+    parser.add_argument("--dual", action="store_true",
+                        help="compare with the dual-stream (MMDiT-style) counterfactual at the same width and depth")
     parser.add_argument("--vae-factor", type=int, default=8, metavar="F", help="VAE downsampling factor (Flux VAE: 8)")
     args = parser.parse_args(argv)
     try:
@@ -92,6 +110,9 @@ def main(argv=None) -> int:
         print(f"S3-DiT {args.model}: dim {config.dim}, {config.n_layers} layers + {config.n_refiner_layers} noise and "
               f"{config.n_refiner_layers} context refiners, {config.n_heads} heads of {config.head_dim}\n")
         print(breakdown_table(config))
+        if args.dual:
+            print()
+            print(dual_stream_table(config))
         if args.caption_tokens is not None:
             try:
                 width, height = (int(v) for v in args.size.lower().split("x"))
