@@ -45,9 +45,10 @@ def test_a_sample_gives_the_same_output_alone_and_in_a_mixed_batch():
     ca, cb = torch.randn(45, 32), torch.randn(7, 32)
     t = torch.tensor([0.3, 0.8])
     with torch.no_grad():
-        alone = model([a], t[:1], [ca])[0]
-        together = model([a, b], t, [ca, cb])[0]
-    assert torch.allclose(alone, together, atol=1e-5)
+        alone = [model([a], t[:1], [ca])[0], model([b], t[1:], [cb])[0]]
+        together = model([a, b], t, [ca, cb])
+    # b is the shorter sample in both streams, so only its rows see batch padding.
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(alone, together))
 
 
 def test_dual_stream_model_trains():
