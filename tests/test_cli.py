@@ -312,3 +312,32 @@ def test_folder_defaults_set_steps_guidance_and_size(tiny_model_dir, reference_p
     assert_same_pixels(out, expected)
     fields = dict(item.split(": ", 1) for item in Image.open(out).text["parameters"].splitlines()[-1].split(", "))
     assert fields["Steps"] == "2" and fields["CFG scale"] == "1.5" and fields["Size"] == "48x32"
+
+
+def test_lora_flag_merges_the_adapter_like_diffusers(tiny_model_dir, tmp_path, capsys):
+    """generate --lora FILE:SCALE gives the image diffusers makes after load_lora_weights."""
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+
+    from zimagekit.lora import LoRA
+    from zimagekit.s3dit import S3DiT
+
+    model = S3DiT.from_pretrained(tiny_model_dir / "transformer")
+    lora = LoRA.create(model, rank=2)
+    with torch.no_grad():
+        for p in lora.B.values():
+            p.normal_(0, 0.5)
+    lora.save(tmp_path / "style.safetensors")
+    out = tmp_path / "lora.png"
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-s", "3", "-o", out,
+                                  "--lora", f"{tmp_path / 'style.safetensors'}:0.5"), capsys)
+    assert status == 0, err
+    ref = DiffusersZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(tmp_path / "style.safetensors"))
+    ref.set_adapters(ref.get_active_adapters(), adapter_weights=0.5)
+    assert_same_pixels(out, reference_pil(ref, 3, prompt="a cat", guidance_scale=0.0)[0])
+    plain = ref.__class__.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    without = reference_pil(plain, 3, prompt="a cat", guidance_scale=0.0)[0]
+    assert np.abs(np.asarray(without, dtype=int) - np.asarray(Image.open(out), dtype=int)).max() > 1  # it did change
+    assert 'LoRA: "style:0.5"' in Image.open(out).text["parameters"]
+    assert run(generate(tiny_model_dir, "a cat", "--lora", tmp_path / "missing.safetensors"), capsys)[0] == 2

@@ -208,6 +208,13 @@ def _add_generate(commands) -> None:
         action="store_true",
         help="keep the models in CPU memory and move each to the device only while it runs",
     )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA (diffusers key format, .safetensors) into the transformer at SCALE (default 1); repeatable",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -265,6 +272,20 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return paths
 
 
+def _lora_spec(spec: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:SCALE``; the file must exist (checked before any weights load)."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            path = spec  # a colon inside the file name, no scale
+    if not Path(path).is_file():
+        raise ZImageKitError(f"--lora {spec}: no such file {path}")
+    return Path(path), scale
+
+
 def _check_numbers(args) -> None:
     if args.steps is not None and args.steps < 1:
         raise ZImageKitError(f"--steps must be at least 1, got {args.steps}")
@@ -316,6 +337,7 @@ def _generate(args) -> int:
         raise ZImageKitError(
             "no model: pass --model FOLDER (a Z-Image folder in the Hugging Face layout) or set ZIMAGEKIT_MODEL"
         )
+    loras = [_lora_spec(spec) for spec in args.lora]
     paths = _output_paths(args.output, len(prompts) * args.num_images)
     init_image = _open_init_image(args.init_image) if args.init_image is not None else None
     strength = args.strength if args.strength is not None else 0.6
@@ -352,6 +374,11 @@ def _generate(args) -> int:
     negative = encoder.encode([args.negative_prompt], args.max_sequence_length)[0] if use_cfg else None
     del encoder
     pipe = ZImagePipeline.from_pretrained(folder.root, dtype, device, offload=args.offload, load_text_encoder=False)
+    if loras:
+        from .lora import LoRA
+
+        for path, scale in loras:
+            LoRA.load(pipe.transformer, path, scale).merge()
 
     model_name = folder.root.resolve().name
     k = 0
@@ -387,6 +414,7 @@ def _generate(args) -> int:
                 cfg_normalization=args.cfg_normalization,
                 cfg_truncation=args.cfg_truncation,
                 strength=strength if init_image is not None else None,
+                loras=tuple(f"{path.stem}:{scale:g}" for path, scale in loras),
             )
             _save_image(image, paths[k], None if args.no_metadata else png_info(info))
             print(f"saved {paths[k]}")

@@ -40,6 +40,7 @@ class GenerationInfo:
     cfg_truncation: float = 1.0
     strength: float | None = None  # img2img only
     sampler: str = "Euler"
+    loras: tuple[str, ...] = ()  # "name:scale" of each LoRA merged into the transformer
 
 
 def _quote(value) -> str:
@@ -71,6 +72,8 @@ def infotext(info: GenerationInfo) -> str:
         fields["CFG truncation"] = _number(info.cfg_truncation)
     if info.strength is not None:
         fields["Denoising strength"] = _number(info.strength)
+    if info.loras:
+        fields["LoRA"] = " ".join(info.loras)
     fields["Version"] = f"zimagekit {__version__}"
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
