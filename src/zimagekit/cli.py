@@ -316,12 +316,12 @@ def _open_init_image(path: Path):
 
 def _save_image(image, path: Path, metadata) -> None:
     """Write under a temporary name in the same folder, then rename: never a half-written file."""
-    from .weights import _atomic_write
+    from .fileio import atomic_write
 
     fmt = IMAGE_EXTENSIONS[path.suffix.lower()]
     extra = {"pnginfo": metadata} if metadata is not None and fmt == "PNG" else {}
     try:
-        _atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **extra))
+        atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **extra))
     except OSError as e:
         raise ZImageKitError(f"cannot write {path}: {e}") from e
 

@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ZImageKitError
-from .weights import _atomic_write, read_safetensors
+from .fileio import atomic_write
+from .weights import read_safetensors
 
 # Hugging Face name -> (internal layer, which part of its fused output, how many parts)
 TARGETS = {
@@ -198,4 +199,4 @@ class LoRA(nn.Module):
 
     def save(self, path) -> None:
         state = self.diffusers_state_dict()
-        _atomic_write(Path(path), lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        atomic_write(Path(path), lambda p: save_file(state, str(p), metadata={"format": "pt"}))

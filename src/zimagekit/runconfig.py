@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import ZImageKitError
-from .weights import _atomic_write
+from .fileio import atomic_write
 
 C = TypeVar("C")
 
@@ -76,7 +76,7 @@ def config_to_dict(cfg) -> dict:
 def save_config(cfg, path: str | Path) -> None:
     """Write ``cfg`` as YAML, atomically, in field order."""
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from .errors import ZImageKitError
 from .runconfig import save_config
-from .weights import _atomic_write
+from .fileio import atomic_write
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -467,7 +467,7 @@ class _MetricLog:
                 writer = csv.DictWriter(fh, columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(kept)
-        _atomic_write(path, write)
+        atomic_write(path, write)
         self._file = path.open("a", newline="")
         self._csv = csv.DictWriter(self._file, columns)
         self._tb = None
@@ -624,7 +624,7 @@ class Trainer:
         for path in tmp.iterdir():
             _fsync(path)
         os.replace(tmp, self.ckpt_dir / name)
-        _atomic_write(self.ckpt_dir / "latest", lambda p: p.write_text(name + "\n"))
+        atomic_write(self.ckpt_dir / "latest", lambda p: p.write_text(name + "\n"))
         _fsync(self.ckpt_dir)
         self.last_checkpoint = self.ckpt_dir / name
         steps = sorted((p for p in self.ckpt_dir.iterdir() if _STEP_DIR.fullmatch(p.name)),
@@ -796,5 +796,5 @@ class Trainer:
         grid = _image_grid(images, cols=len(self.cfg.sample.seeds))
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 

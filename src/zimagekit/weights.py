@@ -13,7 +13,6 @@ foreign names and files lives here.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ZImageKitError
+from .fileio import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -220,15 +220,6 @@ def load_pretrained(cls, path, dtype=None, device=None, config=None):
     return model.to(device=device, dtype=dtype)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_pretrained(model, folder, max_shard_size: int = 10 * 2**30) -> None:
     """Write config.json and safetensors weights (sharded with an index above
     ``max_shard_size`` bytes). Each file is written under a temporary name and renamed, so
@@ -251,13 +242,13 @@ def save_pretrained(model, folder, max_shard_size: int = 10 * 2**30) -> None:
     for name, shard in zip(names, shards):
         # Fused tensors come back as views of one storage; safetensors wants each its own.
         tensors = {k: v.contiguous().clone() for k, v in shard.items()}
-        _atomic_write(folder / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(folder / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        _atomic_write(folder / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2)))
+        atomic_write(folder / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2)))
     config = {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.42.1", **model.config.to_dict()}
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     # Remove weights of an earlier save in the other layout, which loaders would pick up.
     for stale in folder.glob("diffusion_pytorch_model*.safetensors*"):
         if stale.name not in names and not (len(shards) > 1 and stale.name == INDEX_NAME):

@@ -30,7 +30,7 @@ from ..errors import ZImageKitError
 from ..runconfig import load_config
 from ..s3dit import S3DiT
 from ..trainer import EMA, IndexDataSource, Trainer, seed_everything
-from ..weights import _atomic_write
+from ..fileio import atomic_write
 from . import world
 from .judge import evaluate as judge_evaluate
 
@@ -119,7 +119,7 @@ def encode_scenes(data: DataSection, vae, text, batch: int = 64) -> dict[str, to
         "caption_features": torch.cat([f.float() for f in feats]).contiguous(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: save_file(out, str(p)))
+    atomic_write(path, lambda p: save_file(out, str(p)))
     return out
 
 
