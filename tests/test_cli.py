@@ -341,3 +341,12 @@ def test_lora_flag_merges_the_adapter_like_diffusers(tiny_model_dir, tmp_path, c
     assert np.abs(np.asarray(without, dtype=int) - np.asarray(Image.open(out), dtype=int)).max() > 1  # it did change
     assert 'LoRA: "style:0.5"' in Image.open(out).text["parameters"]
     assert run(generate(tiny_model_dir, "a cat", "--lora", tmp_path / "missing.safetensors"), capsys)[0] == 2
+
+
+def test_shapes_dispatches_each_stage_to_its_module(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    assert main(["shapes", "text", "tokenizer", str(tmp_path / "tok")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"]) == ["a", "Ġred", "Ġcircle"]
+    assert run(["shapes", "nope"], capsys)[0] == 2

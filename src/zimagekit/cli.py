@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
                    "zimagekit.shapes.judge")
     _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT", "zimagekit.inspection")
+    commands.add_parser(
+        "shapes", help=f"train, export and evaluate the shapes-world models: zimagekit shapes {{{','.join(SHAPES_STAGES)}}} "
+        "{train,export,evaluate} ...", add_help=False).set_defaults(delegated=True, run=_shapes)
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "delegated", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -58,6 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# Each stage of the shapes-world recipe, in training order; each module's main takes
+# train / export / evaluate subcommands (the tokenizer stage lives with the text encoder).
+SHAPES_STAGES = {"text": "zimagekit.shapes.text", "vae": "zimagekit.shapes.vae", "teacher": "zimagekit.shapes.teacher"}
+
+
+def _shapes(args) -> int:
+    import importlib
+
+    if not args.rest or args.rest[0] in ("-h", "--help"):
+        print("usage: zimagekit shapes STAGE COMMAND [options]\n\nstages, in training order:\n"
+              "  text     tokenizer OUT | train --config ... | export RUN OUT | evaluate ...\n"
+              "  vae      train --config ... | export RUN OUT | evaluate ...\n"
+              "  teacher  train --config ... | export RUN OUT | evaluate MODEL ...\n\n"
+              "zimagekit shapes STAGE --help explains each; configs/shapes/*.yaml are the shipped runs' configs.")
+        return 0 if args.rest else 2
+    stage, *rest = args.rest
+    if stage not in SHAPES_STAGES:
+        raise ZImageKitError(f"unknown shapes stage {stage!r}; choose one of {', '.join(SHAPES_STAGES)}")
+    return importlib.import_module(SHAPES_STAGES[stage]).main(rest)
 
 
 def _add_delegated(commands, name: str, help: str, module: str) -> None:
