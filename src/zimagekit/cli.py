@@ -1,4 +1,4 @@
-"""The ``zimagekit`` command: ``generate``, ``eval``, ``inspect`` (more subcommands register the same way).
+"""The ``zimagekit`` command: ``generate``, ``eval``, ``inspect``, ``distill``, ``shapes``.
 
 Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
                    "zimagekit.shapes.judge")
     _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT", "zimagekit.inspection")
+    _add_delegated(commands, "distill", "Decoupled-DMD: distil a teacher folder into a few-step student",
+                   "zimagekit.algorithms.decoupled_dmd")
     commands.add_parser(
         "shapes", help=f"train, export and evaluate the shapes-world models: zimagekit shapes {{{','.join(SHAPES_STAGES)}}} "
         "{train,export,evaluate} ...", add_help=False).set_defaults(delegated=True, run=_shapes)

@@ -340,6 +340,25 @@ class EMA:
             self.shadow[name].copy_(tensor)
 
 
+def load_trained(run_dir: Path, group: str, module: nn.Module, use_ema: bool = True) -> Path:
+    """Load group ``group`` of the run's latest checkpoint into ``module`` (a fresh copy of the
+    trained model): its EMA weights by default, else the raw ones. Returns the checkpoint."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not (ckpt_dir / "latest").is_file():
+        raise ZImageKitError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
+    ckpt = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    module.load_state_dict(load_file(str(ckpt / f"{group}.safetensors")))
+    if use_ema:
+        if not (ckpt / f"{group}_ema.safetensors").is_file():
+            raise ZImageKitError(f"{ckpt} holds no {group} EMA (the run had ema.enabled=false); export the raw weights")
+        ema = EMA(module, decay=0.0, start_step=0)
+        ema.load_state_dict(load_file(str(ckpt / f"{group}_ema.safetensors")))
+        with torch.no_grad():
+            for name, p in ema.params.items():
+                p.copy_(ema.shadow[name])
+    return ckpt
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy's global RNG and torch (CPU and every GPU)."""
     random.seed(seed)

@@ -14,9 +14,7 @@ pipeline does), its caption feature is the text encoder's ``hidden_states[-2]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,8 @@ from ..algorithms.flow_matching import FlowMatching, FlowMatchingConfig
 from ..errors import ZImageKitError
 from ..runconfig import load_config
 from ..s3dit import S3DiT
-from ..trainer import EMA, IndexDataSource, Trainer, seed_everything
-from ..fileio import atomic_write
+from ..trainer import IndexDataSource, Trainer, load_trained, seed_everything
+from ..fileio import atomic_folder, atomic_write
 from . import world
 from .judge import evaluate as judge_evaluate
 
@@ -179,26 +177,13 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     from ..pipeline import ZImagePipeline
 
     cfg = load_config(TeacherConfig, run_dir / "config.yaml")
-    ckpt_dir = run_dir / "checkpoints"
-    if not (ckpt_dir / "latest").exists():
-        raise ZImageKitError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
-    ckpt = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
     model = S3DiT(cfg.model)
-    model.load_state_dict(load_file(str(ckpt / "transformer.safetensors")))
-    weights = contextlib.nullcontext()
-    if use_ema:
-        ema = EMA(model, decay=0.0, start_step=0)
-        ema.load_state_dict(load_file(str(ckpt / "transformer_ema.safetensors")))
-        weights = ema.swapped_in()
+    load_trained(run_dir, "transformer", model, use_ema)
     vae, text = load_encoders(cfg.data)
     defaults = {"num_inference_steps": cfg.teacher.steps, "guidance_scale": cfg.teacher.guidance_scale,
                 "height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with weights:
+    with atomic_folder(out) as tmp:
         ZImagePipeline(model, vae, text, cfg.flow.schedule, defaults=defaults).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 @torch.no_grad()

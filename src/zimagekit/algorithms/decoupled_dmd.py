@@ -1,0 +1,468 @@
+"""Decoupled-DMD distillation of a flow S3-DiT into an N-step student (Liu et al. 2025, Eq. 8 and
+Algorithm 1; DMD2, Yin et al. 2024), the step between Z-Image and Z-Image-Turbo (Z-Image §4.5).
+
+Three networks, all S3-DiTs initialised from the teacher: the frozen *real score* (the teacher,
+queried with CFG α = 1 + w in Z-Image's ``pos + w·(pos − neg)`` convention), the *student* G,
+and the *fake score*, trained online on G's samples with the pre-training flow-matching loss.
+With x = G(z_t) and every direction written as a difference of x̂ predictions (a score
+difference is a positive multiple of the x̂ difference, and DMD's weighting cancels it):
+
+    Δ_DM = x̂_real^c(x_τDM) − x̂_fake(x_τDM)                       distribution matching
+    Δ_CA = (α − 1)·(x̂_real^c(x_τCA) − x̂_real^u(x_τCA))            CFG augmentation
+    g    = −(Δ_DM / N_DM + Δ_CA / N_CA),     L_G = ½·mean((x − sg(x − g))²)
+
+Each term is re-noised with its own τ and its own fresh ε. The modes choose the τ ranges (model
+time, t = 1 is clean; see ``MODES``): ``hybrid`` (the paper's ④, default) τ_CA ~ U(t, 1) and
+τ_DM ~ U(0, 1); ``constrained`` (③) both above t; ``coupled`` is DMD2 (one τ ~ U(0, 1) and
+one ε for both, g = (x̂_fake − x̂_real^cfg)/mean|x − x̂_real^cfg|); ``ca_only`` and ``dm_only``
+keep one term (§3.1). The fake score gets ``fake_updates_per_student`` updates per student
+update (DMD2's two-time-scale rule), and the student trains on inputs from backward
+simulation (DMD2's ``sample_backward``), so training and sampling see the same inputs.
+
+Launch (prompts only: the world's training captions through the teacher folder's text
+encoder; no images)::
+
+    python -m zimagekit.algorithms.decoupled_dmd train --config configs/shapes/distill.yaml [key=value ...]
+    python -m zimagekit.algorithms.decoupled_dmd export runs/shapes-distill OUT_FOLDER
+
+All time conventions come from :mod:`zimagekit.sampling` (σ = 1 − t; the S3-DiT gets t).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ZImageKitError
+from ..runconfig import load_config
+from ..s3dit import S3DiT, S3DiTConfig
+from ..sampling import (
+    ScheduleConfig,
+    add_noise,
+    cfg_combine,
+    get_sigmas,
+    sigma_from_time,
+    time_from_sigma,
+    velocity,
+    x0_from_velocity,
+)
+from ..fileio import atomic_folder
+from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, _require, load_trained, seed_everything
+from .flow_matching import Sampler
+
+# ----------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------
+
+Mode = Literal["hybrid", "coupled", "ca_only", "dm_only", "constrained"]
+
+# The re-noise draws each mode makes, by term, and whether that draw's τ is restricted to
+# levels cleaner than the student's input level t (τ ~ U(t, 1), True) or spans the whole
+# range (τ ~ U(0, 1), False). "shared" is DMD2's single draw that serves both terms.
+MODES: dict[str, dict[str, bool]] = {
+    "hybrid": {"dm": False, "ca": True},  # Decoupled-DMD ④ (Eq. 8, Algorithm 1)
+    "coupled": {"shared": False},  # DMD2 (Table 1 ①)
+    "ca_only": {"ca": True},  # §3.1: fast, then saturates and collapses
+    "dm_only": {"dm": False},  # §3.1: the real score without CFG; slow
+    "constrained": {"dm": True, "ca": True},  # Table 1 ③: DM cannot see noisy levels
+}
+
+
+@dataclass
+class DistillSection:
+    """The algorithm's knobs. Where the papers are silent (spec §2 "Not given") the choice is
+    written next to the field."""
+
+    mode: Mode = "hybrid"
+    # N, the student's transformer calls per image. 8 is Z-Image-Turbo's; DMD2 uses 4.
+    student_steps: int = 8
+    # The student's σ schedule, get_sigmas(N, schedule): shift(linspace(1, 1/N, N)). null: the
+    # teacher folder's scheduler (what the teacher samples with); shift 1 with N = 4 gives
+    # DMD2's {999, 749, 499, 249}/1000.
+    schedule: ScheduleConfig | None = None
+    # w of the real score's CFG, pos + w·(pos − neg), so α = 1 + w. Sample the teacher with
+    # the same w when comparing it with the student (spec §6 pitfalls).
+    guidance_scale: float = 3.0
+    # TTUR: the student updates on every K-th trainer step, the fake score on every step.
+    # DMD2 uses 5 (ImageNet, SDXL) or 10 (SD1.5); the Decoupled-DMD paper gives no number.
+    fake_updates_per_student: int = 5
+    # Every re-noise level τ (model time) is drawn inside [tau_min, tau_max]: DMD2's clipping
+    # of its DM timesteps to [0.02, 0.98]·T, applied to both terms here. Near τ = 1 every x̂
+    # is x itself, so the terms and the normaliser mean|x − x̂_real| all go to 0 and their
+    # ratio is noise; near τ = 0 every x̂ is close to the data mean and says nothing about x.
+    # τ_CA ~ U(t, 1) becomes U(max(t, tau_min), tau_max).
+    tau_min: float = 0.02
+    tau_max: float = 0.98
+    # The per-sample normaliser of each term (not specified for the decoupled case):
+    #   "cfg":    mean|x − x̂_real^cfg| at that term's own τ (the spec's proposal). With
+    #             τ_CA = τ_DM and one ε, hybrid is then exactly DMD2's update.
+    #   "branch": each term by its own real target: DM by mean|x − x̂_real^c| (no
+    #             unconditional teacher call at τ_DM), CA by mean|x − x̂_real^cfg|. Equal to
+    #             "cfg" when w = 0.
+    normalizer: Literal["cfg", "branch"] = "cfg"
+
+    def __post_init__(self):
+        _require(self.student_steps >= 1, "distill.student_steps", f"must be >= 1, got {self.student_steps}")
+        _require(self.guidance_scale >= 0, "distill.guidance_scale",
+                 f"must be >= 0 (α = 1 + w), got {self.guidance_scale}")
+        _require(self.fake_updates_per_student >= 1, "distill.fake_updates_per_student",
+                 f"must be >= 1, got {self.fake_updates_per_student}")
+        _require(0 <= self.tau_min < self.tau_max <= 1, "distill.tau_min",
+                 f"and distill.tau_max must satisfy 0 <= tau_min < tau_max <= 1, got {self.tau_min}, {self.tau_max}")
+        _require(self.mode != "ca_only" or self.guidance_scale > 0, "distill.guidance_scale",
+                 "is 0, so mode ca_only has no gradient (Δ_CA = w·(...)); set guidance_scale > 0")
+
+
+@dataclass
+class DistillData:
+    """The teacher folder and the prompts: caption i is ``world.sample_prompt(seed + i)``, the
+    caption of the teacher's training scene ``seed + i``."""
+
+    teacher: str = "src/zimagekit/models/shapes-teacher"
+    prompts: int = 20_000
+    seed: int = 0
+    # Image size the student is distilled at; null: the teacher folder's default.
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self):
+        _require(self.prompts >= 1, "data.prompts", f"must be >= 1, got {self.prompts}")
+        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """``train.steps`` counts trainer updates, i.e. fake-score updates; the student gets
+    ``train.steps // distill.fake_updates_per_student`` of them."""
+
+    # The student's architecture is the teacher's; null reads it from the teacher folder, and
+    # the run's saved config.yaml records it (export builds the student from it).
+    model: S3DiTConfig | None = None
+    distill: DistillSection = field(default_factory=DistillSection)
+    data: DistillData = field(default_factory=DistillData)
+
+
+# ----------------------------------------------------------------------------------------
+# The maths: x̂ predictions, losses, backward simulation
+# ----------------------------------------------------------------------------------------
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) values shaped to broadcast against a (B, ...) batch, on its device and dtype."""
+    return values.to(like).view(-1, *([1] * (like.ndim - 1)))
+
+
+def _randn(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    # On the CPU, like the pipeline's noise, so a seed means the same numbers on any device.
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, captions) -> torch.Tensor:
+    """x̂0 of ``model`` at x_σ, in fp32: the S3-DiT takes t = 1 − σ and predicts v = x0 − ε,
+    and x̂0 = x_σ + σ·v. ``sigma`` is (B,)."""
+    v = model(x, time_from_sigma(sigma), captions)
+    return x0_from_velocity(x.float(), v.float(), _per_sample(sigma, x))
+
+
+def flow_matching_loss(model, x0: torch.Tensor, captions, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The pre-training loss of :class:`~zimagekit.algorithms.flow_matching.FlowMatching` at
+    given noise levels σ (B,) and noise ε: mean ‖model(x_σ, 1 − σ, c) − (x0 − ε)‖² over every
+    element (PAPER eq. 1). The fake score trains with exactly this (DMDR: velocity MSE)."""
+    x_t = add_noise(x0, noise, _per_sample(sigma, x0))
+    pred = model(x_t, time_from_sigma(sigma), captions)
+    return F.mse_loss(pred.float(), velocity(x0, noise).float())
+
+
+def generator_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """DMD's proxy L_G = ½·mean((x − sg(x − g))²). Its gradient in x is g / x.numel(), so the
+    student sees the direction g without a backward pass through any score network."""
+    return 0.5 * F.mse_loss(x, (x - g).detach())
+
+
+def _dmd_scale(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """DMD's per-sample normaliser mean_CHW |x − x̂_real| (DMD2 sd_guidance.py)."""
+    return (x - real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def backward_simulation(model, noise: torch.Tensor, sigmas: torch.Tensor, captions, steps: int,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """The latent at ``sigmas[steps]`` that the N-step sampler reaches from ``noise`` (at
+    sigmas[0] = 1): ``steps`` times, predict x̂ with ``model`` and re-noise it to the next
+    level with fresh noise (DMD2 ``sample_backward``). ``steps = 0`` is the noise itself;
+    ``steps = N`` is the finished sample, because re-noising to σ = 0 returns x̂ exactly.
+    Fresh noise comes from ``generator`` (default: torch's global RNG)."""
+    x = noise
+    for i in range(steps):
+        x0 = denoise(model, x, sigmas[i].expand(len(x)), captions)
+        x = add_noise(x0, _randn(x.shape, x.device, generator), sigmas[i + 1])
+    return x
+
+
+@dataclass
+class Renoise:
+    """One re-noising of the student's x: model time τ (B,) (t = 1 − σ, 1 is clean) and its
+    own fresh noise ε."""
+
+    tau: torch.Tensor
+    noise: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_τ, σ) with x_τ = τ·x + (1 − τ)·ε."""
+        sigma = sigma_from_time(self.tau)
+        return add_noise(x, self.noise, _per_sample(sigma, x)), sigma
+
+
+# ----------------------------------------------------------------------------------------
+# The algorithm
+# ----------------------------------------------------------------------------------------
+
+
+class DecoupledDMD(Algorithm):
+    """Trains ``student`` and ``fake_score``, both copies of ``teacher``, which stays frozen
+    and outside :meth:`modules`. ``distill.schedule`` must be set (the command fills in the
+    teacher's). ``latent_shape`` is one latent's (C, F, H, W); ``empty_caption`` the
+    (L, cap_feat_dim) feature of the empty prompt, the unconditional input of CFG exactly as
+    the pipeline uses it. ``sampler(model, prompts, seeds)`` draws the sample grid.
+
+    A batch is ``{"captions": list of (L_i, cap_feat_dim)}``: prompts only, no images.
+    """
+
+    ema_groups = ("student",)  # the fake score's EMA would never be used
+
+    def __init__(self, teacher: S3DiT, distill: DistillSection, latent_shape: tuple[int, int, int, int],
+                 empty_caption: torch.Tensor, sampler: Sampler | None = None):
+        if distill.schedule is None:
+            raise ValueError("DecoupledDMD needs distill.schedule; resolve it from the teacher first")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.fake_score = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.distill = distill
+        self.latent_shape = tuple(latent_shape)
+        self.empty_caption = empty_caption
+        self.sampler = sampler
+        cfg = teacher.config
+        _, frames, h, w = self.latent_shape
+        tokens = frames // cfg.all_f_patch_size[0] * (h // cfg.all_patch_size[0]) * (w // cfg.all_patch_size[0])
+        self.sigmas = get_sigmas(distill.student_steps, distill.schedule, tokens)
+        # τ_CA ~ U(max(t, tau_min), tau_max) must be a real interval at every student step.
+        cleanest = float(time_from_sigma(self.sigmas[-2]))
+        if any(MODES[distill.mode].values()) and cleanest >= distill.tau_max:
+            raise ZImageKitError(f"the student's last step is at t = {cleanest:.3f}, so mode {distill.mode} "
+                                 f"has no τ in (t, distill.tau_max={distill.tau_max}]; raise tau_max, use fewer "
+                                 f"student_steps or a larger schedule shift")
+
+    def modules(self):
+        return {"student": self.student, "fake_score": self.fake_score}
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def training_step(self, batch, step):
+        captions = list(batch["captions"])
+        device = self.teacher.device
+        # Backward simulation (DMD2 sample_backward): one k per batch, uniform over the N
+        # steps; the student trains on what its own k-step rollout gives at σ_k.
+        k = int(torch.randint(self.distill.student_steps, ()))
+        noise = _randn((len(captions), *self.latent_shape), device)
+        z = backward_simulation(self.student, noise, self.sigmas, captions, k)
+        sigma = self.sigmas[k].expand(len(captions))
+        # TTUR: trainer steps count from 1, so the student's m-th update is step m·K.
+        update_student = step % self.distill.fake_updates_per_student == 0
+        with torch.set_grad_enabled(update_student):
+            x = denoise(self.student, z, sigma, captions)
+        losses = {"fake_score": self.fake_score_loss(x.detach(), captions)}
+        if update_student:
+            g = self.student_direction(x, captions, self.draw_renoise(x, time_from_sigma(sigma)))
+            losses["student"] = generator_loss(x, g)
+        return losses
+
+    def fake_score_loss(self, x: torch.Tensor, captions) -> torch.Tensor:
+        """The fake score's update on the student's (detached) samples: the pre-training loss
+        at τ' ~ U(0, 1) (Algorithm 1; DMD2 draws its fake timestep uniformly too), the range
+        it is queried on. Conditional only: it is never asked for an unconditional x̂ (CFG
+        α_fake = 1, as DMD2 asserts), so it gets no caption dropout."""
+        sigma = sigma_from_time(torch.rand(len(x)))
+        return flow_matching_loss(self.fake_score, x, captions, sigma, _randn(x.shape, x.device))
+
+    def draw_renoise(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, Renoise]:
+        """This mode's re-noise draws (see ``MODES``) for student samples ``x`` taken at model
+        time ``t`` (B,): each term its own τ and its own ε (Eq. 8: independent re-noising)."""
+        lo, hi = self.distill.tau_min, self.distill.tau_max
+        draws = {}
+        for term, above_t in MODES[self.distill.mode].items():
+            low = t.clamp(min=lo) if above_t else torch.full_like(t, lo)
+            draws[term] = Renoise(low + (hi - low) * torch.rand(len(t)), _randn(x.shape, x.device))
+        return draws
+
+    @torch.no_grad()
+    def student_direction(self, x: torch.Tensor, captions, draws: dict[str, Renoise]) -> torch.Tensor:
+        """g of the update (spec §2, "Update equations"); the student moves along −g, toward
+        the real score's x̂ and away from the fake's. Only frozen outputs under no_grad enter,
+        so the student loss cannot reach the teacher or the fake score."""
+        x = x.detach().float()
+        w = self.distill.guidance_scale  # α − 1
+        if "shared" in draws:  # DMD2 compute_distribution_matching_loss, verbatim
+            x_tau, sigma = draws["shared"].apply(x)
+            real = cfg_combine(*self._real(x_tau, sigma, captions), w)
+            return (denoise(self.fake_score, x_tau, sigma, captions) - real) / _dmd_scale(x, real)
+        g = torch.zeros_like(x)
+        if "dm" in draws:
+            x_tau, sigma = draws["dm"].apply(x)
+            fake = denoise(self.fake_score, x_tau, sigma, captions)
+            if self.distill.normalizer == "cfg":
+                cond, uncond = self._real(x_tau, sigma, captions)
+                scale = _dmd_scale(x, cfg_combine(cond, uncond, w))
+            else:
+                cond = denoise(self.teacher, x_tau, sigma, captions)
+                scale = _dmd_scale(x, cond)
+            g = g - (cond - fake) / scale
+        if "ca" in draws:
+            x_tau, sigma = draws["ca"].apply(x)
+            cond, uncond = self._real(x_tau, sigma, captions)
+            g = g - w * (cond - uncond) / _dmd_scale(x, cfg_combine(cond, uncond, w))
+        return g
+
+    def _real(self, x_tau: torch.Tensor, sigma: torch.Tensor, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's conditional and unconditional x̂ at x_τ, in one batch as the pipeline
+        runs CFG; unconditional = the empty prompt's features."""
+        both = denoise(self.teacher, torch.cat([x_tau, x_tau]), torch.cat([sigma, sigma]),
+                       list(captions) + [self.empty_caption] * len(x_tau))
+        return both.chunk(2)
+
+    def sample(self, prompts, seeds):
+        if self.sampler is None:
+            return super().sample(prompts, seeds)
+        return self.sampler(self.student, prompts, seeds)
+
+
+# ----------------------------------------------------------------------------------------
+# Few-step sampling
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model: S3DiT, pipe, prompts: list[str], seeds: list[int], sigmas: torch.Tensor, height: int,
+             width: int) -> list:
+    """One image per (prompt, seed) from the N-step student, sampled as it was trained: predict
+    x̂, re-noise to the next σ with fresh noise (DMD2), N times, then decode with ``pipe``'s
+    VAE. The start noise is what ``ZImagePipeline`` draws for that seed; the re-noise draws
+    continue from the same generator, so an image depends on its seed alone."""
+    captions = pipe.encode_prompt(prompts)
+    f = pipe.vae_scale_factor
+    images = []
+    for caption, seed in zip(captions, seeds):
+        gen = torch.Generator().manual_seed(seed)
+        noise = _randn((1, model.config.in_channels, height // f, width // f), pipe.device, gen).unsqueeze(2)
+        x0 = backward_simulation(model, noise, sigmas, [caption], len(sigmas) - 1, gen)
+        images += pipe.decode(x0.squeeze(2))
+    return images
+
+
+# ----------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------
+
+
+def resolve(cfg: DistillConfig, pipe) -> DistillConfig:
+    """``cfg`` with every "take the teacher's" null filled in from the teacher ``pipe``, so the
+    run's saved config names the exact model, schedule and image size."""
+    from ..pipeline import check_image_size
+
+    teacher = pipe.transformer.config
+    if cfg.model is not None and cfg.model != teacher:
+        raise ZImageKitError(f"config 'model' differs from the teacher's transformer config in {cfg.data.teacher}; "
+                             f"set model: null (the student is a copy of the teacher)")
+    data = replace(cfg.data, height=cfg.data.height or pipe.defaults["height"],
+                   width=cfg.data.width or pipe.defaults["width"])
+    check_image_size(data.width, data.height, pipe.image_multiple)
+    distill = replace(cfg.distill, schedule=cfg.distill.schedule or pipe.schedule)
+    return replace(cfg, model=teacher, distill=distill, data=data)
+
+
+def prompt_source(pipe, data: DistillData, batch_size: int) -> IndexDataSource:
+    """Batches of caption features of the world's training captions, from the teacher folder's
+    text encoder (which encodes each distinct caption once)."""
+    from ..shapes import world
+
+    features = pipe.encode_prompt([world.sample_prompt(data.seed + i).text for i in range(data.prompts)])
+    return IndexDataSource(lambda idx: {"captions": [features[i] for i in idx]}, len(features), batch_size,
+                           seed=data.seed)
+
+
+def train(cfg: DistillConfig) -> Path:
+    from ..pipeline import ZImagePipeline
+
+    if not Path(cfg.data.teacher).is_dir():
+        raise ZImageKitError(f"data.teacher: no folder {cfg.data.teacher}; export a teacher there first "
+                             f"(python -m zimagekit.shapes.teacher export RUN_DIR {cfg.data.teacher})")
+    seed_everything(cfg.run.seed)
+    pipe = ZImagePipeline.from_pretrained(cfg.data.teacher)
+    cfg = resolve(cfg, pipe)
+    f = pipe.vae_scale_factor
+    latent_shape = (cfg.model.in_channels, 1, cfg.data.height // f, cfg.data.width // f)
+
+    def sampler(model, prompts, seeds):
+        return generate(model, pipe, prompts, seeds, algorithm.sigmas, cfg.data.height, cfg.data.width)
+
+    algorithm = DecoupledDMD(pipe.transformer, cfg.distill, latent_shape, pipe.encode_prompt([""])[0], sampler)
+    trainer = Trainer(cfg, algorithm, prompt_source(pipe, cfg.data, cfg.train.batch_size))
+    trainer.fit()
+    return trainer.run_dir
+
+
+def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
+    """Write the run's latest student (EMA weights by default) with the teacher folder's text
+    encoder and VAE as a Z-Image folder whose scheduler is the student schedule and whose
+    recorded defaults are N steps, guidance 0 (the student has CFG distilled in)."""
+    from ..pipeline import ZImagePipeline
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ZImageKitError(f"{run_dir}: not a distillation run (config.yaml is missing)")
+    cfg = load_config(DistillConfig, run_dir / "config.yaml")
+    pipe = ZImagePipeline.from_pretrained(cfg.data.teacher)
+    student = S3DiT(cfg.model)
+    load_trained(run_dir, "student", student, use_ema)
+    defaults = {"num_inference_steps": cfg.distill.student_steps, "guidance_scale": 0.0,
+                "height": cfg.data.height, "width": cfg.data.width}
+    with atomic_folder(out) as tmp:
+        ZImagePipeline(student, pipe.vae, pipe.text_encoder, cfg.distill.schedule, defaults=defaults).save_pretrained(tmp)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zimagekit.algorithms.decoupled_dmd",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="distil a teacher folder into an N-step student")
+    t.add_argument("--config", type=Path, help="YAML/TOML run config (default: the dataclass defaults)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. distill.mode=coupled distill.student_steps=4")
+    e = sub.add_parser("export", help="write a run's EMA student + the teacher's encoders as a Z-Image folder")
+    e.add_argument("run_dir", type=Path, help="the distillation run directory (holds config.yaml and checkpoints/)")
+    e.add_argument("out", type=Path, help="the model folder to write (replaced if it exists)")
+    e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `zimagekit distill --config ...` hands its flags straight here: train is the default.
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "train")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            print(f"run directory: {train(load_config(DistillConfig, args.config, args.overrides))}")
+        else:
+            export(args.run_dir, args.out, use_ema=not args.no_ema)
+            print(f"wrote {args.out}")
+    except ZImageKitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
