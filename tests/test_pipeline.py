@@ -302,3 +302,34 @@ def test_folder_defaults_survive_save_and_diffusers_still_loads_the_folder(zimag
     assert index["_zimagekit_defaults"] == {"num_inference_steps": 30, "guidance_scale": 3.0}
     assert ZImagePipeline.from_pretrained(tmp_path).defaults["num_inference_steps"] == 30
     DiffusersZImagePipeline.from_pretrained(tmp_path)  # diffusers ignores the underscore key
+
+
+def test_stochastic_sampling_matches_diffusers(tiny_model_dir, tmp_path):
+    """scheduler_config stochastic_sampling: x̂0 re-noised with fresh noise each step (how
+    DMD students sample). diffusers draws that noise from the global RNG (its pipeline does not
+    pass the generator to the scheduler), so a seed does not reproduce its image; ours draws
+    from the image's generator. To compare, diffusers gets our initial noise and a global RNG
+    in the state our generator has after drawing it."""
+    import json
+    import shutil
+
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+
+    from zimagekit.pipeline import ZImagePipeline
+
+    folder = tmp_path / "stochastic"
+    shutil.copytree(tiny_model_dir, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "stochastic_sampling": True}))
+    ref = DiffusersZImagePipeline.from_pretrained(folder, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    kwargs = dict(height=64, width=96, num_inference_steps=3, guidance_scale=0.0, output_type="pt")
+    g = torch.Generator().manual_seed(5)
+    initial = torch.randn(1, 16, 8, 12, generator=g)
+    torch.set_rng_state(g.get_state())
+    expected = ref(prompt="a cat", latents=initial, **kwargs).images
+    ours = ZImagePipeline.from_pretrained(folder)
+    got = ours("a cat", generator=torch.Generator().manual_seed(5), progress=False, **kwargs)
+    deterministic = ZImagePipeline.from_pretrained(tiny_model_dir)("a cat", seed=5, progress=False, **kwargs)
+    assert (got - expected).abs().max() <= 1e-5
+    assert (got - deterministic).abs().max() > 1e-3  # it really sampled differently

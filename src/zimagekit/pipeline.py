@@ -65,7 +65,6 @@ UNSUPPORTED_SCHEDULER_OPTIONS = (
     "use_exponential_sigmas",
     "use_beta_sigmas",
     "invert_sigmas",
-    "stochastic_sampling",
     "shift_terminal",
 )
 DTYPES = {
@@ -529,13 +528,15 @@ class ZImagePipeline:
             cfg_truncation,
             callback,
             progress,
+            generators,
         )
         if output_type == "latent":
             return x
         return self.decode(x, output_type)
 
     def _denoise(
-        self, x, sigmas, caps, neg_caps, guidance_scale, cfg_normalization, cfg_truncation, callback, progress
+        self, x, sigmas, caps, neg_caps, guidance_scale, cfg_normalization, cfg_truncation, callback, progress,
+        generators,
     ):
         """Run the Euler sampler with the S3-DiT and Z-Image CFG; everything that depends only
         on the schedule (model times, guidance per step, caption batches) is built once here."""
@@ -564,7 +565,13 @@ class ZImagePipeline:
                 if callback is not None:
                     callback(info)
 
-            return sample_euler(velocity, x, sigmas, on_step)
+            fresh_noise = None
+            if self.schedule.stochastic_sampling:  # drawn on the CPU like the initial noise
+
+                def fresh_noise(i: int) -> torch.Tensor:
+                    return _randn(tuple(x.shape), generators).to(self.device)
+
+            return sample_euler(velocity, x, sigmas, on_step, fresh_noise)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents → images in [0, 1] (``"pt"``) or PIL; one image at a time to bound VAE memory."""

@@ -131,6 +131,8 @@ class ScheduleConfig:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    # Re-noise x̂0 with fresh noise at each step instead of an Euler step (few-step students).
+    stochastic_sampling: bool = False
 
 
 def get_sigmas(num_steps: int, config: ScheduleConfig, image_seq_len: int | None = None) -> torch.Tensor:
@@ -239,19 +241,28 @@ def sample_euler(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     callback: Callable[[dict], None] | None = None,
+    fresh_noise: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Deterministic Euler sampler over ``sigmas`` (k-diffusion style, one NFE per step).
+    """Euler sampler over ``sigmas`` (k-diffusion style, one NFE per step).
 
     ``model(x, sigma, i)`` returns the velocity v = x0 − ε at ``sigma = sigmas[i]`` (guidance
     already applied); ``i`` lets the caller look up per-step values it precomputed.  ``x`` is the
     latent at ``sigmas[0]`` and stays float32 throughout.  After each step
     ``callback({"i", "sigma", "sigma_next", "x", "velocity", "denoised"})`` is called with ``x``
     the latent *before* the step and ``denoised`` = x̂0; it drives progress bars and previews.
+
+    With ``fresh_noise(i)`` the step is stochastic instead: ``x ← add_noise(x̂0, ε_i, σ_next)``,
+    the few-step sampling DMD students are trained with (DMD2's backward simulation) and
+    diffusers' ``stochastic_sampling``; it draws noise at every step, the last included, as
+    diffusers does, so seeded runs agree.
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = model(x, sigma, i)
-        x_next = euler_step(x, v, sigma, sigma_next)
+        if fresh_noise is None:
+            x_next = euler_step(x, v, sigma, sigma_next)
+        else:
+            x_next = add_noise(x0_from_velocity(x, v, sigma), fresh_noise(i), sigma_next)
         if callback is not None:
             callback(
                 {

@@ -420,7 +420,8 @@ def train(cfg: DistillConfig) -> Path:
 def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     """Write the run's latest student (EMA weights by default) with the teacher folder's text
     encoder and VAE as a Z-Image folder whose scheduler is the student schedule and whose
-    recorded defaults are N steps, guidance 0 (the student has CFG distilled in)."""
+    recorded defaults are N steps, guidance 0 (the student has CFG distilled in), sampled
+    stochastically like backward simulation."""
     from ..pipeline import ZImagePipeline
 
     if not (run_dir / "config.yaml").is_file():
@@ -431,8 +432,10 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     load_trained(run_dir, "student", student, use_ema)
     defaults = {"num_inference_steps": cfg.distill.student_steps, "guidance_scale": 0.0,
                 "height": cfg.data.height, "width": cfg.data.width}
+    # The student is sampled as it was trained: x̂ re-noised with fresh noise at each step.
+    schedule = replace(cfg.distill.schedule, stochastic_sampling=True)
     with atomic_folder(out) as tmp:
-        ZImagePipeline(student, pipe.vae, pipe.text_encoder, cfg.distill.schedule, defaults=defaults).save_pretrained(tmp)
+        ZImagePipeline(student, pipe.vae, pipe.text_encoder, schedule, defaults=defaults).save_pretrained(tmp)
 
 
 def main(argv=None) -> int:
