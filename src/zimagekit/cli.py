@@ -1,4 +1,4 @@
-"""The ``zimagekit`` command: ``generate``, ``eval``, ``inspect``, ``distill``, ``shapes``.
+"""The ``zimagekit`` command: ``generate``, ``eval``, ``inspect``, ``plan``, ``distill``, ``shapes``.
 
 Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
 
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
                    "zimagekit.shapes.judge")
     _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT", "zimagekit.inspection")
+    _add_delegated(commands, "plan", "per-GPU training memory of an S3-DiT for a GPU count and strategy",
+                   "zimagekit.plan")
     _add_delegated(commands, "distill", "Decoupled-DMD: distil a teacher folder into a few-step student",
                    "zimagekit.algorithms.decoupled_dmd")
     commands.add_parser(

@@ -1,0 +1,116 @@
+"""``zimagekit plan``: per-GPU training memory for an S3-DiT, before renting the GPUs.
+
+    zimagekit plan --preset z-image-turbo --gpus 8 --strategy fsdp --batch 1 --size 1024
+    zimagekit plan --preset z-image-turbo --gpus 1 --lora 64 --checkpointing
+
+The arithmetic, per GPU, with P parameters, Pb parameters per block, N GPUs (AdamW keeps
+two fp32 moments; weights are fp32 masters and compute runs under bf16 autocast):
+
+* DDP: parameters 4P, gradients 4P, AdamW 8P bytes (all replicated).
+* FSDP2 (``fully_shard`` per block, bf16 params / fp32 reduce): 4P/N + 4P/N + 8P/N, plus the
+  unsharded bf16 weights of the running and the prefetched block (2 x 2 Pb) and one block's
+  unsharded fp32 gradients (4 Pb) before its reduce-scatter.
+* LoRA of rank r: the frozen base is kept in bf16 (2P); adapters, their gradients and AdamW
+  state are 16 bytes per adapter parameter.
+* Activations kept for backward, per token per block, measured on zimagekit's block with
+  ``saved_tensors_hooks`` (tests re-measure them): ``ACT_BYTES_BF16`` x dim under bf16 autocast,
+  ``ACT_BYTES_FP32`` x dim in fp32. With per-block gradient checkpointing only each block's
+  fp32 input (4 x dim) stays, plus one block's full activations while it is recomputed. The
+  noise refiner sees image tokens only, the context refiner caption tokens only.
+
+Not counted: the CUDA context and allocator fragmentation (budget ~1-2 GiB), the frozen
+text encoder and VAE (encode once and cache their outputs, as zimagekit's trainers do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ZImageKitError
+from .s3dit import PRESETS, S3DiT, S3DiTConfig, TransformerBlock, _round_up
+
+# Bytes saved for backward per token per block, per unit of model width (measured; see module doc).
+ACT_BYTES_BF16 = 71
+ACT_BYTES_FP32 = 124
+GiB = 2**30
+
+
+@dataclass
+class Plan:
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations
+
+
+def training_memory(cfg: S3DiTConfig, gpus: int = 1, strategy: str = "ddp", batch: int = 1, image_tokens: int = 4096,
+                    caption_tokens: int = 512, precision: str = "bf16", checkpointing: bool = False,
+                    lora_rank: int | None = None) -> Plan:
+    """Bytes per GPU for one training step (see the module docstring for the arithmetic)."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ZImageKitError(f"unknown strategy {strategy!r}; use ddp or fsdp")
+    if gpus < 1 or batch < 1:
+        raise ZImageKitError("--gpus and --batch must be at least 1")
+    with torch.device("meta"):
+        P = sum(p.numel() for p in S3DiT(cfg).parameters())
+        Pb = sum(p.numel() for p in TransformerBlock(cfg, modulation=True).parameters())
+    if lora_rank is not None:
+        # q, k, v, out: 4 x r(d + d); w1, w3: 2 x r(d + f); w2: r(f + d), in every block
+        d, f = cfg.dim, cfg.ffn_dim
+        adapters = (cfg.n_layers + 2 * cfg.n_refiner_layers) * lora_rank * (8 * d + 3 * (d + f))
+        params, grads, optim = 2 * P + 4 * adapters, 4 * adapters, 8 * adapters
+    elif strategy == "ddp":
+        params, grads, optim = 4 * P, 4 * P, 8 * P
+    else:
+        params, grads, optim = 4 * P / gpus + 2 * 2 * Pb, 4 * P / gpus + 4 * Pb, 8 * P / gpus
+    xi, xc = _round_up(image_tokens), _round_up(caption_tokens)
+    per_token = (ACT_BYTES_BF16 if precision == "bf16" else ACT_BYTES_FP32) * cfg.dim
+    block_tokens = [xi + xc] * cfg.n_layers + [xi] * cfg.n_refiner_layers + [xc] * cfg.n_refiner_layers
+    weight_copies = 2 * Pb if precision == "bf16" else 0  # autocast keeps each block's bf16 weights for backward
+    if checkpointing:
+        acts = batch * sum(4 * cfg.dim * n for n in block_tokens) + batch * per_token * max(block_tokens) + weight_copies
+    else:
+        acts = batch * per_token * sum(block_tokens) + weight_copies * len(block_tokens)
+    return Plan(params, grads, optim, acts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="zimagekit plan", description=__doc__.split("\n\n")[0],
+                                     epilog="The arithmetic is in the docstring of zimagekit/plan.py.")
+    parser.add_argument("--preset", default="z-image-turbo", choices=sorted(PRESETS), help="model preset")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs the model is trained on (default 8)")
+    parser.add_argument("--strategy", default="fsdp", choices=("ddp", "fsdp"), help="data parallel or FSDP2 sharding")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default 1)")
+    parser.add_argument("--size", type=int, default=1024, help="square image side in pixels (VAE factor 8, patch 2)")
+    parser.add_argument("--caption-tokens", type=int, default=512, help="caption length after the chat template")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the compute")
+    parser.add_argument("--checkpointing", action="store_true", help="per-block gradient checkpointing")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="LoRA of this rank instead of full fine-tuning")
+    args = parser.parse_args(argv)
+    try:
+        cfg = S3DiTConfig.preset(args.preset)
+        side = args.size // 16  # VAE factor 8 times patch 2
+        plan = training_memory(cfg, args.gpus, args.strategy, args.batch, side * side, args.caption_tokens,
+                               args.precision, args.checkpointing, args.lora)
+    except ZImageKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    what = f"LoRA rank {args.lora}" if args.lora else f"{args.strategy.upper()} on {args.gpus} GPU(s)"
+    print(f"{args.preset}, {what}, micro-batch {args.batch} at {args.size}² ({side * side} image + "
+          f"{args.caption_tokens} caption tokens), {args.precision}"
+          f"{', gradient checkpointing' if args.checkpointing else ''}: per GPU")
+    for name in ("parameters", "gradients", "optimizer", "activations", "total"):
+        print(f"  {name:<12}{getattr(plan, name) / GiB:>9.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
