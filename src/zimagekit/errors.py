@@ -7,5 +7,18 @@ traceback.
 """
 
 
+import sys
+
+
 class ZImageKitError(ValueError):
     """A user-facing error: bad input, missing file, wrong weights."""
+
+
+def exit_code(run) -> int:
+    """Call ``run()``; a :class:`ZImageKitError` becomes one ``error: ...`` line on stderr and
+    exit status 2. Every command's ``main`` goes through here."""
+    try:
+        return run() or 0
+    except ZImageKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

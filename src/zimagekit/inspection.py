@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ZImageKitError
+from .errors import ZImageKitError, exit_code
 from .s3dit import PRESETS, S3DiT, S3DiTConfig, _round_up, parameter_breakdown
 
 
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
                         help="compare with the dual-stream (MMDiT-style) counterfactual at the same width and depth")
     parser.add_argument("--vae-factor", type=int, default=8, metavar="F", help="VAE downsampling factor (Flux VAE: 8)")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         config = resolve_config(args.model)
         print(f"S3-DiT {args.model}: dim {config.dim}, {config.n_layers} layers + {config.n_refiner_layers} noise and "
               f"{config.n_refiner_layers} context refiners, {config.n_heads} heads of {config.head_dim}\n")
@@ -122,10 +123,8 @@ def main(argv=None) -> int:
                 raise ZImageKitError("--caption-tokens must be at least 1")
             print()
             print(layout_table(config, args.caption_tokens, width, height, args.vae_factor))
-    except ZImageKitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ZImageKitError
+from .errors import ZImageKitError, exit_code
 from .s3dit import PRESETS, S3DiT, S3DiTConfig, TransformerBlock, _round_up
 
 # Bytes saved for backward per token per block, per unit of model width (measured; see module doc).
@@ -95,22 +95,19 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpointing", action="store_true", help="per-block gradient checkpointing")
     parser.add_argument("--lora", type=int, metavar="RANK", help="LoRA of this rank instead of full fine-tuning")
     args = parser.parse_args(argv)
-    try:
+    def run():
         cfg = S3DiTConfig.preset(args.preset)
         side = args.size // 16  # VAE factor 8 times patch 2
         plan = training_memory(cfg, args.gpus, args.strategy, args.batch, side * side, args.caption_tokens,
                                args.precision, args.checkpointing, args.lora)
-    except ZImageKitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    what = f"LoRA rank {args.lora}" if args.lora else f"{args.strategy.upper()} on {args.gpus} GPU(s)"
-    print(f"{args.preset}, {what}, micro-batch {args.batch} at {args.size}² ({side * side} image + "
-          f"{args.caption_tokens} caption tokens), {args.precision}"
-          f"{', gradient checkpointing' if args.checkpointing else ''}: per GPU")
-    for name in ("parameters", "gradients", "optimizer", "activations", "total"):
-        print(f"  {name:<12}{getattr(plan, name) / GiB:>9.2f} GiB")
-    return 0
+        what = f"LoRA rank {args.lora}" if args.lora else f"{args.strategy.upper()} on {args.gpus} GPU(s)"
+        print(f"{args.preset}, {what}, micro-batch {args.batch} at {args.size}² ({side * side} image + "
+              f"{args.caption_tokens} caption tokens), {args.precision}"
+              f"{', gradient checkpointing' if args.checkpointing else ''}: per GPU")
+        for name in ("parameters", "gradients", "optimizer", "activations", "total"):
+            print(f"  {name:<12}{getattr(plan, name) / GiB:>9.2f} GiB")
 
+    return exit_code(run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,8 +40,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import ZImageKitError
-from ..runconfig import load_config
+from ..errors import ZImageKitError, exit_code
+from ..runconfig import add_run_commands, load_config
 from ..s3dit import S3DiT, S3DiTConfig
 from ..sampling import (
     ScheduleConfig,
@@ -442,29 +442,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimagekit.algorithms.decoupled_dmd",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="distil a teacher folder into an N-step student")
-    t.add_argument("--config", type=Path, help="YAML/TOML run config (default: the dataclass defaults)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. distill.mode=coupled distill.student_steps=4")
-    e = sub.add_parser("export", help="write a run's EMA student + the teacher's encoders as a Z-Image folder")
-    e.add_argument("run_dir", type=Path, help="the distillation run directory (holds config.yaml and checkpoints/)")
-    e.add_argument("out", type=Path, help="the model folder to write (replaced if it exists)")
-    e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    add_run_commands(sub, "distil a teacher folder into an N-step student",
+                     "write a run's EMA student + the teacher's encoders as a Z-Image folder",
+                     example="distill.mode=coupled distill.student_steps=4")
     argv = list(sys.argv[1:] if argv is None else argv)
     # `zimagekit distill --config ...` hands its flags straight here: train is the default.
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "train")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         if args.command == "train":
             print(f"run directory: {train(load_config(DistillConfig, args.config, args.overrides))}")
         else:
             export(args.run_dir, args.out, use_ema=not args.no_ema)
             print(f"wrote {args.out}")
-    except ZImageKitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..algorithms.flow_matching import FlowMatching, FlowMatchingConfig
-from ..errors import ZImageKitError
-from ..runconfig import load_config
+from ..errors import ZImageKitError, exit_code
+from ..runconfig import add_run_commands, load_config
 from ..s3dit import S3DiT
 from ..trainer import IndexDataSource, Trainer, load_trained, seed_everything
 from ..fileio import atomic_folder, atomic_write
@@ -225,13 +225,8 @@ def _grid(images, cols: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimagekit.shapes.teacher", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="flow-matching pre-training of the shapes teacher")
-    t.add_argument("--config", type=Path, help="YAML/TOML run config (default: the dataclass defaults)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-4 train.steps=2000")
-    e = sub.add_parser("export", help="write a run's EMA transformer + encoders as a Z-Image model folder")
-    e.add_argument("run_dir", type=Path, help="the training run directory (holds config.yaml and checkpoints/)")
-    e.add_argument("out", type=Path, help="the model folder to write (replaced if it exists)")
-    e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    add_run_commands(sub, "flow-matching pre-training of the shapes teacher",
+                     "write a run's EMA transformer + encoders as a Z-Image model folder")
     v = sub.add_parser("evaluate", help="judge a model folder on the held-out eval prompts")
     v.add_argument("model", type=Path, help="a Z-Image model folder")
     v.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -239,7 +234,8 @@ def main(argv=None) -> int:
     v.add_argument("--images-per-prompt", type=int, default=4, help="seeds 0..k-1 per prompt (default 4)")
     v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt and grid.png")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         if args.command == "train":
             print(f"run directory: {train(load_config(TeacherConfig, args.config, args.overrides))}")
         elif args.command == "export":
@@ -247,10 +243,8 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}")
         else:
             print(evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out).summary())
-    except ZImageKitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

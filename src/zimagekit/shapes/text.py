@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import ZImageKitError
-from ..runconfig import load_config
+from ..errors import ZImageKitError, exit_code
+from ..runconfig import add_run_commands, load_config
 from ..text_encoder import QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, _quiet_transformers, chat_prompt
 from ..trainer import EMA, Algorithm, IndexDataSource, TrainConfig, Trainer, seed_everything
 from . import world
@@ -315,18 +315,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("tokenizer", help="build the shapes tokenizer into a folder")
     k.add_argument("out", type=Path, help="the tokenizer folder to write (replaced if it exists)")
-    t = sub.add_parser("train", help="pre-train the shapes text encoder as a causal LM on training captions")
-    t.add_argument("--config", type=Path, help="YAML/TOML run config (default: the dataclass defaults)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=3e-3 train.steps=500")
-    e = sub.add_parser("export", help="write a run's text encoder as a Qwen3Model folder")
-    e.add_argument("run_dir", type=Path, help="the training run directory (holds checkpoints/)")
-    e.add_argument("out", type=Path, help="the text_encoder folder to write (replaced if it exists)")
-    e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    add_run_commands(sub, "pre-train the shapes text encoder as a causal LM on training captions",
+                     "write a run's text encoder as a Qwen3Model folder", example="optim.lr=3e-3 train.steps=500")
     v = sub.add_parser("evaluate", help="caption perplexity on training captions and held-out combinations")
     v.add_argument("text_encoder", type=Path, help="an exported text_encoder folder")
     v.add_argument("tokenizer", type=Path, help="its tokenizer folder")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         if args.command == "tokenizer":
             save_tokenizer(args.out)
             print(f"wrote {args.out} ({len(load_tokenizer(args.out))} tokens)")
@@ -338,10 +334,8 @@ def main(argv=None) -> int:
         else:
             for split, nll in evaluate(args.text_encoder, args.tokenizer).items():
                 print(f"{split}: {nll:.4f} nats/token, perplexity {math.exp(nll):.3f}")
-    except ZImageKitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":
