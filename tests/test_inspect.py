@@ -48,3 +48,14 @@ def test_inspect_dual_reports_the_counterfactual(capsys):
     assert main(["inspect", "--dual"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^block total\s+180,910,336\s+361,820,672\s+50\.0%$", out, re.M)
+
+
+def test_trace_runs_a_model_folder_and_lists_every_stage(tiny_model_dir, capsys):
+    assert main(["inspect", str(tiny_model_dir), "--trace", "a photo of a cat", "--trace-size", "64"]) == 0
+    out = capsys.readouterr().out
+    # the chat-formatted prompt is 13 tokens (the ids the pipeline tests pin) -> (13, cap_feat_dim 16)
+    assert "-> 13 tokens -> text encoder hidden_states[-2] (13, 16)" in out
+    # 64 px / VAE 8 -> 8x8 latent -> 4x4 = 16 image tokens (padded to 32), caption 13 -> 32: unified 64
+    assert re.search(r"noise_refiner\.0\s+\(1, 32, 32\) -> \(1, 32, 32\)", out)
+    assert re.search(r"layers\.1 \(unified\)\s+\(1, 64, 32\) -> \(1, 64, 32\)", out)
+    assert "VAE decode -> image (1, 3, 64, 64)" in out

@@ -4,6 +4,7 @@
     zimagekit inspect tiny
     zimagekit inspect ./Z-Image-Turbo         # a model folder (or its transformer/ folder)
     zimagekit inspect --caption-tokens 20 --size 1024x768   # token layout and RoPE positions
+    zimagekit inspect ./model --trace "two red circles"     # tensor shapes through every stage
 
 The model is built on the meta device, so even the 6B preset is counted in milliseconds
 without memory. The token layout follows the forward pass (spec §2): caption tokens padded
@@ -21,6 +22,7 @@ import torch
 
 from .errors import ZImageKitError, exit_code
 from .s3dit import PRESETS, S3DiT, S3DiTConfig, _round_up, parameter_breakdown
+from .text_encoder import chat_prompt
 
 
 def resolve_config(spec: str) -> S3DiTConfig:
@@ -67,6 +69,47 @@ def dual_stream_table(config: S3DiTConfig) -> str:
     return "\n".join(lines)
 
 
+def trace(folder, prompt: str, size: int | None = None) -> str:
+    """Run a model folder once (one step, no guidance) and list the tensor shapes each stage
+    produces: text encoder, embedders, refiners, unified blocks, final layer, VAE decode."""
+    from .pipeline import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(folder)
+    model, lines, handles = pipe.transformer, [], []
+
+    def shape(t):
+        return tuple(t.shape) if torch.is_tensor(t) else [tuple(x.shape) for x in t]
+
+    def record(name):
+        def hook(module, inputs, output):
+            lines.append(f"  {name:<28}{str(shape(inputs[0])):>22} -> {shape(output)}")
+        return hook
+
+    stages = [("t_embedder (t*1000 -> c)", model.t_embedder), ("cap_embedder", model.cap_embedder)]
+    stages += [(f"x_embedder {k}", m) for k, m in model.all_x_embedder.items()]
+    stages += [(f"noise_refiner.{i}", b) for i, b in enumerate(model.noise_refiner)]
+    stages += [(f"context_refiner.{i}", b) for i, b in enumerate(model.context_refiner)]
+    stages += [(f"layers.{i} (unified)", b) for i, b in enumerate(model.layers)]
+    stages += [(f"final_layer {k}", m) for k, m in model.all_final_layer.items()]
+    handles = [m.register_forward_hook(record(name)) for name, m in stages]
+    handles.append(pipe.vae.decoder.register_forward_hook(record("vae.decoder")))
+    try:
+        features = pipe.encode_prompt(prompt)[0]
+        tokens = pipe.text_encoder.tokenizer(chat_prompt(pipe.text_encoder.tokenizer, prompt))["input_ids"]
+        side = size or pipe.defaults["height"]
+        latents = pipe(prompt_embeds=[features], height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
+                       seed=0, output_type="latent", progress=False)
+        image = pipe.decode(latents, output_type="pt")
+    finally:
+        for h in handles:
+            h.remove()
+    head = [f"prompt {prompt!r} -> chat template -> {len(tokens)} tokens -> text encoder hidden_states[-2] "
+            f"{tuple(features.shape)}", f"noise latent {tuple(latents.shape)} at {side}x{side} px", "",
+            f"  {'stage':<28}{'input':>22} -> output"]
+    tail = ["", f"unpatchify -> latent {tuple(latents.shape)}; VAE decode -> image {tuple(image.shape)}"]
+    return "\n".join(head + lines + tail)
+
+
 def layout_table(config: S3DiTConfig, caption_tokens: int, width: int, height: int, vae_factor: int = 8) -> str:
     """Token counts, position ids and the head-dim slice each RoPE axis rotates."""
     p = config.all_patch_size[0]
@@ -103,6 +146,10 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="1024x1024", metavar="WxH", help="image size for the token layout (default 1024x1024)")
     parser.add_argument("--dual", action="store_true",
                         help="compare with the dual-stream (MMDiT-style) counterfactual at the same width and depth")
+    parser.add_argument("--trace", metavar="PROMPT",
+                        help="run MODEL (a model folder) once on PROMPT and print the tensor shapes of every stage")
+    parser.add_argument("--trace-size", type=int, default=None, metavar="PX", help="image side for --trace "
+                        "(default: the folder's)")
     parser.add_argument("--vae-factor", type=int, default=8, metavar="F", help="VAE downsampling factor (Flux VAE: 8)")
     args = parser.parse_args(argv)
 
@@ -114,6 +161,11 @@ def main(argv=None) -> int:
         if args.dual:
             print()
             print(dual_stream_table(config))
+        if args.trace is not None:
+            if args.model in PRESETS:
+                raise ZImageKitError("--trace needs a model folder (text encoder, transformer, VAE), not a preset")
+            print()
+            print(trace(args.model, args.trace, args.trace_size))
         if args.caption_tokens is not None:
             try:
                 width, height = (int(v) for v in args.size.lower().split("x"))
