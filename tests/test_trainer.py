@@ -468,3 +468,19 @@ def test_metrics_log_throughput_and_mfu(tmp_path):
         assert float(r["samples_per_s"]) > 0
         assert float(r["mfu"]) == pytest.approx(flops * float(r["samples_per_s"]) / 1e9)
     assert any((trainer.run_dir / "tensorboard").iterdir())
+
+
+def test_bucketed_batches_stay_in_one_bucket_and_resume_exactly():
+    buckets = [i % 3 for i in range(30)] + [3, 3]  # buckets 0-2 of 10 items, bucket 3 too small for a batch
+    source = IndexDataSource(lambda idx: idx, size=32, batch_size=4, seed=7, buckets=buckets)
+    epoch = [source.next_batch() for _ in range(6)]  # 3 buckets x floor(10 / 4) = 6 full batches
+    assert all(len({buckets[i] for i in b}) == 1 for b in epoch)
+    flat = [i for b in epoch for i in b]
+    assert len(flat) == len(set(flat)) == 24 and not {30, 31} & set(flat)
+    state = source.state_dict()
+    ahead = [source.next_batch() for _ in range(5)]
+    again = IndexDataSource(lambda idx: idx, size=32, batch_size=4, seed=7, buckets=buckets)
+    again.load_state_dict(state)
+    assert [again.next_batch() for _ in range(5)] == ahead
+    with pytest.raises(ZImageKitError, match="buckets="):
+        IndexDataSource(lambda idx: idx, size=32, batch_size=4, seed=7, buckets=[0] * 32).load_state_dict(state)

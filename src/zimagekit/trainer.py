@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, NoReturn, Protocol
@@ -248,28 +249,50 @@ class IndexDataSource:
     is two integers and batch i is the same whenever and wherever it is drawn. Keep
     ``make_batch`` a deterministic function of the indices (a scene from
     ``shapes.world.sample_scene(index)``, say) and the whole data stream is reproducible.
+
+    With ``buckets`` (a bucket id per index, e.g. an aspect-ratio bucket) every batch comes
+    from one bucket: each bucket is shuffled and cut into full batches, and the batches of
+    all buckets are shuffled together (a bucket smaller than a batch is never drawn).
     """
 
-    def __init__(self, make_batch: Callable[[list[int]], Any], size: int, batch_size: int, seed: int = 0):
+    def __init__(self, make_batch: Callable[[list[int]], Any], size: int, batch_size: int, seed: int = 0,
+                 buckets=None):
         if batch_size < 1 or size < batch_size:
             raise ZImageKitError(f"a dataset of {size} items cannot give batches of {batch_size}; "
                                  f"lower train.batch_size or use more data")
         if seed < 0:
             raise ZImageKitError(f"data seed must be >= 0, got {seed}")
         self.make_batch, self.size, self.batch_size, self.seed = make_batch, size, batch_size, seed
-        self.epoch, self.offset = 0, 0
-        self._order_epoch, self._order = -1, None  # the permutation of epoch _order_epoch
+        self.buckets = None if buckets is None else np.asarray(buckets)
+        if self.buckets is not None:
+            if len(self.buckets) != size:
+                raise ZImageKitError(f"{len(self.buckets)} bucket ids for {size} items; give one per item")
+            if np.bincount(np.unique(self.buckets, return_inverse=True)[1]).max() < batch_size:
+                raise ZImageKitError(f"no bucket holds a full batch of {batch_size}; lower train.batch_size")
+        self.epoch, self.offset = 0, 0  # offset counts items drawn in this epoch (whole batches)
+        self._batches_epoch, self._batches = -1, None  # the batch list of epoch _batches_epoch
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-            self._order_epoch = self.epoch
-        return self._order
+    def _epoch_batches(self) -> list[np.ndarray]:
+        if self._batches_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            bs = self.batch_size
+            if self.buckets is None:
+                order = rng.permutation(self.size)
+                self._batches = [order[i:i + bs] for i in range(0, self.size - bs + 1, bs)]
+            else:
+                batches = []
+                for bucket in np.unique(self.buckets):
+                    members = np.flatnonzero(self.buckets == bucket)
+                    members = members[rng.permutation(len(members))]
+                    batches += [members[i:i + bs] for i in range(0, len(members) - bs + 1, bs)]
+                self._batches = [batches[i] for i in rng.permutation(len(batches))]
+            self._batches_epoch = self.epoch
+        return self._batches
 
     def next_batch(self) -> Any:
-        if self.offset + self.batch_size > self.size:
+        if self.offset // self.batch_size >= len(self._epoch_batches()):
             self.epoch, self.offset = self.epoch + 1, 0
-        indices = self._epoch_order()[self.offset:self.offset + self.batch_size].tolist()
+        indices = self._epoch_batches()[self.offset // self.batch_size].tolist()
         self.offset += self.batch_size
         return self.make_batch(indices)
 
@@ -277,15 +300,19 @@ class IndexDataSource:
         while True:
             yield self.next_batch()
 
+    def _bucket_key(self) -> int:
+        return 0 if self.buckets is None else zlib.crc32(np.ascontiguousarray(self.buckets, dtype=np.int64).tobytes())
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "size": self.size, "batch_size": self.batch_size,
-                "seed": self.seed}
+                "seed": self.seed, "buckets": self._bucket_key()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("size", "batch_size", "seed"):
-            if state[key] != getattr(self, key):
-                raise ZImageKitError(f"the checkpoint's data source had {key}={state[key]}, this one has "
-                                     f"{getattr(self, key)}; resume with the same data or start a new run")
+        for key, mine in (("size", self.size), ("batch_size", self.batch_size), ("seed", self.seed),
+                          ("buckets", self._bucket_key())):
+            if state.get(key, 0) != mine:
+                raise ZImageKitError(f"the checkpoint's data source had {key}={state.get(key)}, this one has {mine}; "
+                                     "resume with the same data or start a new run")
         self.epoch, self.offset = state["epoch"], state["offset"]
 
 
