@@ -44,6 +44,14 @@ def mixed_batch(cfg: S3DiTConfig, seed: int = 1):
     return x, t, caps
 
 
+def mixed_outputs(model, cfg: S3DiTConfig) -> list:
+    """The model's outputs on :func:`mixed_batch` (ours or diffusers'), without gradients."""
+    x, t, caps = mixed_batch(cfg)
+    with torch.no_grad():
+        out = model(x, t, caps)
+    return out.sample if hasattr(out, "sample") else out
+
+
 def max_rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref| over a list of tensors."""
     err = max((o.float() - r.float()).abs().max().item() for o, r in zip(ours, ref))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from s3dit_oracle import CONFIGS, max_rel_err, mixed_batch, oracle_and_ours
+from s3dit_oracle import CONFIGS, max_rel_err, mixed_outputs, oracle_and_ours
 from zimagekit.errors import ZImageKitError
 from zimagekit.lora import TARGETS, LoRA
 
@@ -17,10 +17,7 @@ def randomise(lora):
 
 
 def outputs(model):
-    x, t, caps = mixed_batch(CFG)
-    with torch.no_grad():
-        out = model(x, t, caps)
-    return out.sample if hasattr(out, "sample") else out
+    return mixed_outputs(model, CFG)
 
 
 def test_a_fresh_lora_leaves_the_model_unchanged_and_trains_only_itself():

@@ -7,7 +7,7 @@ import torch
 from diffusers import ZImageTransformer2DModel
 from safetensors.torch import save_file
 
-from s3dit_oracle import CONFIGS, max_rel_err, mixed_batch, oracle_and_ours
+from s3dit_oracle import CONFIGS, max_rel_err, mixed_outputs, oracle_and_ours
 from zimagekit.errors import ZImageKitError
 from zimagekit.s3dit import S3DiT, S3DiTConfig
 
@@ -15,10 +15,7 @@ CFG = CONFIGS["2heads"]
 
 
 def outputs(model, cfg=CFG):
-    x, t, caps = mixed_batch(cfg)
-    with torch.no_grad():
-        out = model(x, t, caps)
-    return out.sample if hasattr(out, "sample") else out
+    return mixed_outputs(model, cfg)
 
 
 def test_state_dict_has_exactly_the_diffusers_keys_and_shapes():
