@@ -16,9 +16,13 @@ Step numbers count optimizer updates from 1: ``training_step(batch, step)`` comp
 ``checkpoints/step_000000k`` holds the state after update k.
 
 Distributed training plugs in through ``Trainer(parallelize=...)``, applied to the trained
-modules before the optimizers are built; models and algorithms know nothing of it
-(torchtitan's split). Both FSDP2's ``fully_shard`` and composable DDP's ``replicate`` wrap
-a module in place, so algorithms keep calling their modules directly.
+modules before the optimizers are built; models know nothing of it (torchtitan's split).
+Both FSDP2's ``fully_shard`` and composable DDP's ``replicate`` wrap a module in place, so
+algorithms keep calling their modules directly. Under ``torchrun`` every process runs the
+same loop on its slice of each global batch (``IndexDataSource(rank=, world_size=)``);
+the logged losses are means over processes, only rank 0 writes the run directory, and
+checkpoints hold full tensors that load back on any number of processes
+(:mod:`zimagekit.parallel`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import parallel
 from .errors import ZImageKitError
 from .runconfig import save_config
 from .fileio import atomic_write
@@ -150,7 +155,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    # Peak FLOP/s of the hardware (e.g. 989e12 for an H100's dense bf16); null: MFU not logged.
+    # Peak FLOP/s of one device (e.g. 989e12 for an H100's dense bf16); null: MFU not logged.
     mfu_peak_flops: float | None = None
 
     def __post_init__(self):
@@ -253,29 +258,37 @@ class IndexDataSource:
     With ``buckets`` (a bucket id per index, e.g. an aspect-ratio bucket) every batch comes
     from one bucket: each bucket is shuffled and cut into full batches, and the batches of
     all buckets are shuffled together (a bucket smaller than a batch is never drawn).
+
+    Data-parallel: with ``world_size`` processes the order is cut into global batches of
+    ``batch_size * world_size`` items and process ``rank`` gets slice ``rank`` of each, so
+    the processes together draw exactly what one process with the global batch would.
     """
 
     def __init__(self, make_batch: Callable[[list[int]], Any], size: int, batch_size: int, seed: int = 0,
-                 buckets=None):
-        if batch_size < 1 or size < batch_size:
-            raise ZImageKitError(f"a dataset of {size} items cannot give batches of {batch_size}; "
+                 buckets=None, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.global_batch = batch_size * world_size
+        if batch_size < 1 or size < self.global_batch:
+            raise ZImageKitError(f"a dataset of {size} items cannot give batches of {self.global_batch}; "
                                  f"lower train.batch_size or use more data")
         if seed < 0:
             raise ZImageKitError(f"data seed must be >= 0, got {seed}")
         self.make_batch, self.size, self.batch_size, self.seed = make_batch, size, batch_size, seed
+        self.rank = rank
         self.buckets = None if buckets is None else np.asarray(buckets)
         if self.buckets is not None:
             if len(self.buckets) != size:
                 raise ZImageKitError(f"{len(self.buckets)} bucket ids for {size} items; give one per item")
-            if np.bincount(np.unique(self.buckets, return_inverse=True)[1]).max() < batch_size:
-                raise ZImageKitError(f"no bucket holds a full batch of {batch_size}; lower train.batch_size")
-        self.epoch, self.offset = 0, 0  # offset counts items drawn in this epoch (whole batches)
+            if np.bincount(np.unique(self.buckets, return_inverse=True)[1]).max() < self.global_batch:
+                raise ZImageKitError(f"no bucket holds a full batch of {self.global_batch}; lower train.batch_size")
+        self.epoch, self.offset = 0, 0  # offset counts items drawn in this epoch (whole global batches)
         self._batches_epoch, self._batches = -1, None  # the batch list of epoch _batches_epoch
 
     def _epoch_batches(self) -> list[np.ndarray]:
         if self._batches_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
-            bs = self.batch_size
+            bs = self.global_batch
             if self.buckets is None:
                 order = rng.permutation(self.size)
                 self._batches = [order[i:i + bs] for i in range(0, self.size - bs + 1, bs)]
@@ -290,11 +303,11 @@ class IndexDataSource:
         return self._batches
 
     def next_batch(self) -> Any:
-        if self.offset // self.batch_size >= len(self._epoch_batches()):
+        if self.offset // self.global_batch >= len(self._epoch_batches()):
             self.epoch, self.offset = self.epoch + 1, 0
-        indices = self._epoch_batches()[self.offset // self.batch_size].tolist()
-        self.offset += self.batch_size
-        return self.make_batch(indices)
+        batch = self._epoch_batches()[self.offset // self.global_batch]
+        self.offset += self.global_batch
+        return self.make_batch(batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist())
 
     def __iter__(self):
         while True:
@@ -304,11 +317,13 @@ class IndexDataSource:
         return 0 if self.buckets is None else zlib.crc32(np.ascontiguousarray(self.buckets, dtype=np.int64).tobytes())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "size": self.size, "batch_size": self.batch_size,
+        # The global batch, not this process's share: a position means the same on any
+        # number of processes.
+        return {"epoch": self.epoch, "offset": self.offset, "size": self.size, "batch_size": self.global_batch,
                 "seed": self.seed, "buckets": self._bucket_key()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("size", self.size), ("batch_size", self.batch_size), ("seed", self.seed),
+        for key, mine in (("size", self.size), ("batch_size", self.global_batch), ("seed", self.seed),
                           ("buckets", self._bucket_key())):
             if state.get(key, 0) != mine:
                 raise ZImageKitError(f"the checkpoint's data source had {key}={state.get(key)}, this one has {mine}; "
@@ -612,18 +627,22 @@ class Trainer:
     # -- run directory and checkpoints --------------------------------------------------
 
     def _open_run_dir(self) -> None:
-        exists = self.run_dir.is_dir() and any(self.run_dir.iterdir())
-        if exists and not self.cfg.run.resume:
-            raise ZImageKitError(f"run directory {self.run_dir} already exists; pass run.resume=true to continue "
-                                 f"it or choose another run.name")
-        latest = self._latest_checkpoint() if exists else None
+        def find_latest() -> Path | None:
+            exists = self.run_dir.is_dir() and any(self.run_dir.iterdir())
+            if exists and not self.cfg.run.resume:
+                raise ZImageKitError(f"run directory {self.run_dir} already exists; pass run.resume=true to "
+                                     f"continue it or choose another run.name")
+            return self._latest_checkpoint() if exists else None
+
+        latest = parallel.on_main(find_latest)  # only rank 0 reads the run directory
         if latest is not None:
             self._load_checkpoint(latest)
         else:
             seed_everything(self.cfg.run.seed)
-        self._discard_unpublished()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        if parallel.is_main():
+            self._discard_unpublished()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
 
     def _latest_checkpoint(self) -> Path | None:
         pointer = self.ckpt_dir / "latest"
@@ -650,17 +669,24 @@ class Trainer:
         rename, then move the ``latest`` pointer: a crash at any point leaves ``latest``
         naming a complete checkpoint."""
         name = f"step_{self.step:07d}"
+        self.last_checkpoint = self.ckpt_dir / name
+        # Every rank helps gather the full tensors; rank 0 alone writes them.
+        modules = {g: parallel.gather_to_main(m.state_dict()) for g, m in self.modules.items()}
+        emas = {g: parallel.gather_to_main(ema.state_dict()) for g, ema in self.emas.items()}
+        optimizers = {g: parallel.gather_to_main(o.state_dict()) for g, o in self.optimizers.items()}
+        if not parallel.is_main():
+            return
         tmp = self.ckpt_dir / f".tmp-{name}"
         tmp.mkdir(parents=True)
-        for group, module in self.modules.items():
-            save_file({k: _host_copy(v) for k, v in module.state_dict().items()}, str(tmp / f"{group}.safetensors"))
-        for group, ema in self.emas.items():
-            save_file({k: _host_copy(v) for k, v in ema.state_dict().items()}, str(tmp / f"{group}_ema.safetensors"))
+        for group, state in modules.items():
+            save_file({k: _host_copy(v) for k, v in state.items()}, str(tmp / f"{group}.safetensors"))
+        for group, state in emas.items():
+            save_file({k: _host_copy(v) for k, v in state.items()}, str(tmp / f"{group}_ema.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "optimizers": {g: _pack(o.state_dict(), tensors, f"optimizers.{g}") for g, o in self.optimizers.items()},
+            "optimizers": {g: _pack(o, tensors, f"optimizers.{g}") for g, o in optimizers.items()},
             "data": _pack(self.data.state_dict(), tensors, "data"),
             "algorithm": _pack(self.algorithm.state_dict(), tensors, "algorithm"),
             "rng": _pack(_rng_state(), tensors, "rng"),
@@ -672,34 +698,48 @@ class Trainer:
         os.replace(tmp, self.ckpt_dir / name)
         atomic_write(self.ckpt_dir / "latest", lambda p: p.write_text(name + "\n"))
         _fsync(self.ckpt_dir)
-        self.last_checkpoint = self.ckpt_dir / name
         steps = sorted((p for p in self.ckpt_dir.iterdir() if _STEP_DIR.fullmatch(p.name)),
                        key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
         for old in steps[: -self.cfg.train.keep_last_ckpts]:
             shutil.rmtree(old)
 
     def _load_checkpoint(self, path: Path) -> None:
-        files = [STATE_JSON, STATE_TENSORS, *(f"{g}.safetensors" for g in self.modules),
-                 *(f"{g}_ema.safetensors" for g in self.emas)]
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise ZImageKitError(f"checkpoint {path} lacks {', '.join(missing)} (the modules or ema.enabled "
-                                 f"changed?); resume with the config it was written with or start a new run")
-        state = _unpack(json.loads((path / STATE_JSON).read_text()), load_file(str(path / STATE_TENSORS)))
-        if state["format"] != CHECKPOINT_FORMAT:
-            raise ZImageKitError(f"checkpoint {path} has format {state['format']}; this zimagekit reads "
-                                 f"format {CHECKPOINT_FORMAT}")
+        """Rank 0 reads the files; each rank receives its shards (see :mod:`zimagekit.parallel`)."""
+        main = parallel.is_main()
+        state = None
+
+        def read() -> None:
+            nonlocal state
+            files = [STATE_JSON, STATE_TENSORS, *(f"{g}.safetensors" for g in self.modules),
+                     *(f"{g}_ema.safetensors" for g in self.emas)]
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise ZImageKitError(f"checkpoint {path} lacks {', '.join(missing)} (the modules or ema.enabled "
+                                     f"changed?); resume with the config it was written with or start a new run")
+            state = _unpack(json.loads((path / STATE_JSON).read_text()), load_file(str(path / STATE_TENSORS)))
+            if state["format"] != CHECKPOINT_FORMAT:
+                raise ZImageKitError(f"checkpoint {path} has format {state['format']}; this zimagekit reads "
+                                     f"format {CHECKPOINT_FORMAT}")
+
+        parallel.on_main(read)
         try:
             for group, module in self.modules.items():
-                module.load_state_dict(load_file(str(path / f"{group}.safetensors")))
+                parallel.load_module_state(module, load_file(str(path / f"{group}.safetensors")) if main else None)
             for group, opt in self.optimizers.items():
-                opt.load_state_dict(state["optimizers"][group])
+                params = self._trainable[group]
+                # Adam's moments have their parameter's shape, and take its shards.
+                opt.load_state_dict(parallel.scatter_from_main(
+                    state["optimizers"][group] if main else None,
+                    lambda where: params[where[1]] if where[0] == "state" else None))
         except (RuntimeError, ValueError) as exc:  # torch's size/name mismatch messages
             first_line = str(exc).strip().splitlines()[0]
             raise ZImageKitError(f"checkpoint {path} does not fit the modules ({first_line}); resume with the "
                                  f"model config it was written with or start a new run") from None
         for group, ema in self.emas.items():
-            ema.load_state_dict(load_file(str(path / f"{group}_ema.safetensors")))
+            ema.load_state_dict(parallel.scatter_from_main(
+                load_file(str(path / f"{group}_ema.safetensors")) if main else None,
+                lambda where: ema.shadow.get(where[0])))
+        state = parallel.broadcast_object({k: state[k] for k in ("step", "data", "algorithm", "rng")} if main else None)
         self.data.load_state_dict(state["data"])
         self.algorithm.load_state_dict(state["algorithm"])
         _set_rng_state(state["rng"])
@@ -718,9 +758,12 @@ class Trainer:
         groups = list(self.modules)
         columns = ["step", *(f"loss/{g}" for g in groups), *(f"lr/{g}" for g in groups),
                    *(f"grad_norm/{g}" for g in groups), "samples_per_s", "mfu"]
-        log = _MetricLog(self.run_dir, columns, self.step)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True, desc="train")
-        samples_per_step = cfg.batch_size * cfg.grad_accum_steps
+        main = parallel.is_main()
+        log = _MetricLog(self.run_dir, columns, self.step) if main else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), dynamic_ncols=True,
+                   desc="train")
+        world = parallel.world_size()
+        samples_per_step = cfg.batch_size * cfg.grad_accum_steps * world  # the global batch
         busy, busy_steps = 0.0, 0  # time spent in updates since the last log line
         for module in self.modules.values():
             module.train()
@@ -738,13 +781,14 @@ class Trainer:
                     speed = busy_steps * samples_per_step / busy
                     mfu = None
                     if self._flops_per_sample is not None and self.cfg.mfu_peak_flops is not None:
-                        mfu = self._flops_per_sample * speed / self.cfg.mfu_peak_flops
+                        mfu = self._flops_per_sample * speed / (self.cfg.mfu_peak_flops * world)
                     row = {"step": self.step, **{f"loss/{g}": v for g, v in losses.items()},
                            **{f"lr/{g}": v for g, v in lrs.items()}, **{f"grad_norm/{g}": v for g, v in norms.items()},
                            "samples_per_s": speed, "mfu": mfu}
-                    log.write(row)
-                    bar.set_postfix({g: f"{v:.4g}" for g, v in losses.items()})
-                    tqdm.write(self._log_line(row, groups))
+                    if main:
+                        log.write(row)
+                        bar.set_postfix({g: f"{v:.4g}" for g, v in losses.items()})
+                        tqdm.write(self._log_line(row, groups))
                     busy, busy_steps = 0.0, 0
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._write_sample_grid()
@@ -752,7 +796,8 @@ class Trainer:
                     self._save_checkpoint()
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
 
     def _update(self, step: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         """One optimizer update: ``grad_accum_steps`` forward/backward passes, then clip,
@@ -766,8 +811,9 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
                 losses = self.algorithm.training_step(batch, step)
             self._check_losses(losses, step, totals if micro else None)
-            for i, (group, loss) in enumerate(losses.items()):
-                value = loss.detach().float().item()
+            # Means over processes: every rank logs the global batch's loss and stops together.
+            values = parallel.mean_over_ranks([loss.detach().float().item() for loss in losses.values()])
+            for i, ((group, loss), value) in enumerate(zip(losses.items(), values)):
                 if not math.isfinite(value):
                     self._diverged(f"the {group} loss is {value}", step)
                 totals[group] = totals.get(group, 0.0) + value
@@ -778,7 +824,7 @@ class Trainer:
         for group in totals:
             clip = self._optim_cfgs[group].grad_clip
             norm = torch.nn.utils.clip_grad_norm_(self._trainable[group], math.inf if clip is None else clip)
-            norms[group] = norm.item()
+            norms[group] = parallel.full_tensor(norm).item()
             if not math.isfinite(norms[group]):
                 self._diverged(f"the {group} gradient norm is {norms[group]}", step)
         lrs = {}
@@ -839,6 +885,8 @@ class Trainer:
         if len(images) != len(prompts):
             raise ValueError(f"{type(self.algorithm).__name__}.sample returned {len(images)} images for "
                              f"{len(prompts)} (prompt, seed) pairs")
+        if not parallel.is_main():  # every rank sampled: sharded modules run collectively
+            return
         grid = _image_grid(images, cols=len(self.cfg.sample.seeds))
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)

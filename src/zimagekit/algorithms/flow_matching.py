@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import ZImageKitError
 from ..s3dit import S3DiT, S3DiTConfig, forward_flops
 from ..sampling import ScheduleConfig, add_noise, time_from_sigma, training_sigmas, velocity
 from ..trainer import Algorithm, TrainConfig
@@ -47,15 +48,21 @@ Sampler = Callable[[S3DiT, list[str], list[int]], list]
 class FlowMatching(Algorithm):
     """Trains one module, ``transformer``. ``empty_caption`` is the (L, cap_feat_dim) feature
     of the empty prompt; ``sampler(model, prompts, seeds)`` draws the trainer's sample grid;
-    ``tokens_per_sample`` = (image tokens, caption tokens) of a typical sample, for MFU."""
+    ``tokens_per_sample`` = (image tokens, caption tokens) of a typical sample, for MFU.
+
+    ``data_parallel`` = (rank, world size): this process trains slice ``rank`` of a global
+    batch ``world size`` times its own (``IndexDataSource``'s split). Noise levels, caption
+    dropout and noise are drawn for the whole global batch (every rank's RNG is the same)
+    and sliced, so a run does not depend on how its global batch is split."""
 
     def __init__(self, model: S3DiT, flow: FlowSection, empty_caption: torch.Tensor, sampler: Sampler | None = None,
-                 tokens_per_sample: tuple[int, int] | None = None):
+                 tokens_per_sample: tuple[int, int] | None = None, data_parallel: tuple[int, int] = (0, 1)):
         self.model = model
         self.flow = flow
         self.empty_caption = empty_caption
         self.sampler = sampler
         self.tokens_per_sample = tokens_per_sample
+        self.data_parallel = data_parallel
 
     def modules(self):
         return {"transformer": self.model}
@@ -63,20 +70,26 @@ class FlowMatching(Algorithm):
     def training_step(self, batch, step):
         x0, captions = batch["latents"], list(batch["captions"])
         p = self.model.config.all_patch_size[0]
+        rank, world = self.data_parallel
+        mine = slice(rank * len(x0), (rank + 1) * len(x0))
         if torch.is_tensor(x0):
             seq = [x0.shape[-2] * x0.shape[-1] // p**2] * len(x0)
-            sigma = training_sigmas(len(x0), self.flow.schedule, seq[0], self.flow.logit_mean, self.flow.logit_std)
+            sigma = training_sigmas(world * len(x0), self.flow.schedule, seq[0], self.flow.logit_mean,
+                                    self.flow.logit_std)[mine]
         else:  # mixed sizes (aspect buckets): each sample is shifted by its own token count
+            if world > 1:
+                raise ZImageKitError("a batch of mixed-size latents cannot be split over processes; give each "
+                                     "batch one size (aspect buckets) for data-parallel training")
             seq = [xi.shape[-2] * xi.shape[-1] // p**2 for xi in x0]
             sigma = torch.cat([training_sigmas(1, self.flow.schedule, n, self.flow.logit_mean, self.flow.logit_std) for n in seq])
-        drop = torch.rand(len(captions)) < self.flow.caption_dropout
+        drop = (torch.rand(world * len(captions)) < self.flow.caption_dropout)[mine]
         captions = [self.empty_caption if d else c for c, d in zip(captions, drop.tolist())]
 
         def per_sample(values, like):
             return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
         if torch.is_tensor(x0):
-            noise = torch.randn_like(x0)
+            noise = torch.randn((world * len(x0), *x0.shape[1:]), dtype=x0.dtype, device=x0.device)[mine]
             x_t = add_noise(x0, noise, per_sample(sigma, x0))
             pred = self.model(x_t, time_from_sigma(sigma), captions)
             loss = F.mse_loss(pred.float(), velocity(x0, noise).float())
