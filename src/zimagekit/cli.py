@@ -1,4 +1,4 @@
-"""The ``zimagekit`` command: ``generate``, ``eval``, ``inspect``, ``plan``, ``distill``, ``shapes``.
+"""The ``zimagekit`` command: ``generate``, ``train``, ``eval``, ``inspect``, ``plan``, ``distill``, ``shapes``.
 
 Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"zimagekit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_generate(commands)
+    _add_delegated(commands, "train", "flow-matching training (full, LoRA, from scratch) on an image-caption dataset; "
+                   "torchrun for several GPUs", "zimagekit.train")
     _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
                    "zimagekit.shapes.judge")
     _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT", "zimagekit.inspection")

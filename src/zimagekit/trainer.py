@@ -818,8 +818,13 @@ class Trainer:
                     self._diverged(f"the {group} loss is {value}", step)
                 totals[group] = totals.get(group, 0.0) + value
                 # Into this group's parameters only: a loss that reads another group's
-                # module must not update it. Mean over micro-batches, hence the division.
-                (loss / accum).backward(inputs=self._trainable[group], retain_graph=i < len(losses) - 1)
+                # module must not update it. Only needed when several groups step this
+                # update (a group without a loss does not step, and its gradients are
+                # cleared first); a single loss is left unrestricted because FSDP2's sharded
+                # parameters are not autograd leaves that inputs= could name. Mean over
+                # micro-batches, hence the division.
+                inputs = self._trainable[group] if len(losses) > 1 else None
+                (loss / accum).backward(inputs=inputs, retain_graph=i < len(losses) - 1)
         norms = {}
         for group in totals:
             clip = self._optim_cfgs[group].grad_clip

@@ -1,0 +1,237 @@
+"""``zimagekit train``: flow-matching training of Z-Image's S3-DiT on an image-caption dataset,
+as full fine-tuning, LoRA, or pre-training from scratch, on one process or many. The same
+config file serves every scale (docs/training.md has the exact commands)::
+
+    zimagekit train --config configs/train-lora.yaml                               # one GPU
+    torchrun --standalone --nproc_per_node=8 -m zimagekit train --config configs/train-lora.yaml
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        --rdzv-id=run1 -m zimagekit train --config configs/train-lora.yaml        # on each node
+
+``train.batch_size`` is each process's micro-batch: an update sees ``batch_size x
+grad_accum_steps x processes`` samples. The frozen VAE and text encoder of the ``pretrained``
+folder encode the dataset once into a cache (:mod:`zimagekit.latent_cache`); captions pass
+through ``data.enhancer`` first. ``phases`` run one after another (Z-Image's curriculum:
+low-resolution pre-training, arbitrary-resolution "omni" pre-training, SFT), each in its own
+run directory and starting from the previous phase's final weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from . import parallel
+from .algorithms.flow_matching import FlowMatching, FlowMatchingConfig
+from .errors import ZImageKitError, exit_code
+from .parallel import ParallelConfig
+from .runconfig import load_config
+
+
+@dataclass
+class DataSection:
+    path: str = ""  # image folder with .txt captions, folder with metadata.jsonl/.csv, or .tar shard(s)
+    resolution: int = 1024  # aspect buckets keep about resolution² pixels, sides multiples of 16
+    max_aspect: float = 2.0  # widest bucket; 1.0: square images only
+    max_sequence_length: int = 512  # caption tokens kept, chat template included
+    enhancer: str = "none"  # prompt enhancer: none, shapes, or llm:FOLDER (a local transformers model)
+    cache_dir: str = "runs/cache"  # encoded latents and caption features, reused while the inputs are unchanged
+    seed: int = 0  # order of the batches
+
+    def __post_init__(self):
+        if self.resolution < 16 or self.resolution % 16:
+            raise ZImageKitError(f"config key 'data.resolution' must be a multiple of 16, got {self.resolution}")
+        if self.max_aspect < 1:
+            raise ZImageKitError(f"config key 'data.max_aspect' must be >= 1, got {self.max_aspect}")
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # 0: full fine-tuning; N: train rank-N adapters on every block's linear layers, base frozen
+    alpha: float | None = None  # null: alpha = rank
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ZImageKitError(f"config key 'lora.rank' must be >= 0, got {self.rank}")
+
+
+@dataclass
+class Phase:
+    """One stage of the curriculum; unset fields keep the top-level values."""
+
+    name: str = "phase"
+    steps: int = 1000  # optimizer updates in this phase
+    path: str | None = None  # data.path (e.g. the SFT set)
+    resolution: int | None = None  # data.resolution
+    max_aspect: float | None = None  # data.max_aspect
+    enhancer: str | None = None  # data.enhancer
+    lr: float | None = None  # optim.lr
+
+
+@dataclass
+class ZImageTrainConfig(FlowMatchingConfig):
+    pretrained: str = ""  # a Z-Image folder (Hugging Face layout): its VAE and text encoder encode the data
+    # pretrained: fine-tune the folder's transformer; scratch: a fresh S3-DiT shaped by `model`
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    phases: tuple[Phase, ...] = ()  # empty: one run as configured
+
+
+class LoRAFlowMatching(FlowMatching):
+    """Flow matching whose trained module is a LoRA on the (frozen) transformer."""
+
+    def __init__(self, lora, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = lora
+
+    def modules(self):
+        return {"lora": self.lora}
+
+
+def phase_configs(cfg: ZImageTrainConfig) -> list[ZImageTrainConfig]:
+    """One config per phase, each in its own run directory under the run's."""
+    if not cfg.phases:
+        return [cfg]
+    out = []
+    for i, phase in enumerate(cfg.phases):
+        data = {k: v for k, v in (("path", phase.path), ("resolution", phase.resolution),
+                                  ("max_aspect", phase.max_aspect), ("enhancer", phase.enhancer)) if v is not None}
+        out.append(dataclasses.replace(
+            cfg, phases=(),
+            run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / cfg.run.name), name=f"{i + 1}-{phase.name}"),
+            train=dataclasses.replace(cfg.train, steps=phase.steps),
+            optim=dataclasses.replace(cfg.optim, lr=phase.lr if phase.lr is not None else cfg.optim.lr),
+            data=dataclasses.replace(cfg.data, **data)))
+    return out
+
+
+def _encoded_data(cfg: ZImageTrainConfig, folder, device):
+    from .datasets import ImageCaptionDataset, make_buckets
+    from .enhancer import load_enhancer
+    from .latent_cache import build_cache, cache_key
+
+    if not cfg.data.path:
+        raise ZImageKitError("config key 'data.path' is empty; point it at an image folder, metadata file folder or tar shard")
+    dataset = ImageCaptionDataset.open(cfg.data.path)
+    buckets = make_buckets(cfg.data.resolution, folder.image_multiple, cfg.data.max_aspect)
+    enhancer = load_enhancer(cfg.data.enhancer, device)
+    encoders = [folder.component(n) for n in ("vae", "text_encoder", "tokenizer")]
+    key = cache_key(dataset, encoders, buckets, cfg.data.max_sequence_length, enhancer.name)
+
+    def load_encoders():
+        from diffusers import AutoencoderKL
+
+        from .pipeline import load_text_encoder
+
+        vae = AutoencoderKL.from_pretrained(folder.component("vae"), local_files_only=True).to(device).eval()
+        return vae.requires_grad_(False), load_text_encoder(folder.root, torch.float32, device)
+
+    return build_cache(dataset, Path(cfg.data.cache_dir), key, load_encoders, enhancer, buckets,
+                       cfg.data.max_sequence_length, device)
+
+
+def _transformer(cfg: ZImageTrainConfig, folder, device):
+    from .s3dit import S3DiT
+
+    if cfg.init == "pretrained":
+        return S3DiT.from_pretrained(folder.component("transformer"), dtype=torch.float32, device=device)
+    te = json.loads((folder.component("text_encoder") / "config.json").read_text())
+    vae = json.loads((folder.component("vae") / "config.json").read_text())
+    if cfg.model.cap_feat_dim != te["hidden_size"]:
+        raise ZImageKitError(f"model.cap_feat_dim={cfg.model.cap_feat_dim} but the text encoder's hidden size is "
+                             f"{te['hidden_size']}; set model.cap_feat_dim={te['hidden_size']}")
+    if cfg.model.in_channels != vae["latent_channels"]:
+        raise ZImageKitError(f"model.in_channels={cfg.model.in_channels} but the VAE has {vae['latent_channels']} "
+                             f"latent channels; set model.in_channels={vae['latent_channels']}")
+    return S3DiT(cfg.model).to(device)
+
+
+def train_phase(cfg: ZImageTrainConfig, device, previous: Path | None = None) -> Path:
+    """One run of ``cfg`` (already a single phase); ``previous``: the run directory whose
+    final raw weights it starts from. Returns the run directory."""
+    from .lora import LoRA
+    from .pipeline import ModelFolder
+    from .trainer import IndexDataSource, Trainer, load_trained, seed_everything
+
+    if not cfg.pretrained:
+        raise ZImageKitError("config key 'pretrained' is empty; point it at a Z-Image folder (its VAE and text "
+                             "encoder encode the data)")
+    folder = ModelFolder.open(cfg.pretrained)
+    cache = _encoded_data(cfg, folder, device)
+    seed_everything(cfg.run.seed)  # the same fresh weights (scratch, LoRA) on every rank
+    model = _transformer(cfg, folder, device)
+    lora = LoRA.create(model, cfg.lora.rank, cfg.lora.alpha) if cfg.lora.rank else None
+    if lora is None:
+        model.requires_grad_(True)
+    group, trained = ("lora", lora) if lora is not None else ("transformer", model)
+    if previous is not None:
+        load_trained(previous, group, trained, use_ema=False)
+
+    rank, world = parallel.rank(), parallel.world_size()
+    latent, caption = cache[0]
+    p = model.config.all_patch_size[0]
+    tokens = (latent.shape[-2] * latent.shape[-1] // p**2, caption.shape[0])
+    args = (model, cfg.flow, cache.empty_caption().to(device))
+    kwargs = dict(tokens_per_sample=tokens, data_parallel=(rank, world))
+    algorithm = LoRAFlowMatching(lora, *args, **kwargs) if lora is not None else FlowMatching(*args, **kwargs)
+
+    def make_batch(indices):
+        items = [cache[i] for i in indices]
+        return {"latents": torch.stack([z for z, _ in items]).to(device), "captions": [c.to(device) for _, c in items]}
+
+    data = IndexDataSource(make_batch, len(cache), cfg.train.batch_size, seed=cfg.data.seed,
+                           buckets=cache.bucket_ids(), rank=rank, world_size=world)
+    trainer = Trainer(cfg, algorithm, data,
+                      parallelize=lambda _: parallel.parallelize_s3dit(model, cfg.parallel, cfg.train.precision, lora))
+    trainer.fit()
+    if lora is not None and parallel.is_main():
+        # The adapters people load (diffusers' load_lora_weights, zimagekit generate --lora).
+        ema = trainer.emas.get("lora")
+        if ema is None:
+            lora.save(trainer.run_dir / "lora.safetensors")
+        else:
+            with ema.swapped_in():
+                lora.save(trainer.run_dir / "lora.safetensors")
+    return trainer.run_dir
+
+
+def train(cfg: ZImageTrainConfig) -> Path:
+    """Every phase of ``cfg`` in order (a finished phase resumes to its end at once);
+    returns the last run directory."""
+    device = parallel.init_distributed()
+    try:
+        previous = None
+        for phase_cfg in phase_configs(cfg):
+            previous = train_phase(phase_cfg, device, previous)
+        return previous
+    finally:
+        parallel.shutdown()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="zimagekit train", description=__doc__.split("\n\n")[0],
+                                     epilog="Launch under torchrun for several processes; see docs/training.md.")
+    parser.add_argument("--config", type=Path, help="YAML/TOML run config (e.g. configs/train-lora.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. optim.lr=1e-4 train.batch_size=2 parallel.strategy=ddp")
+    args = parser.parse_args(argv)
+
+    def run():
+        run_dir = train(load_config(ZImageTrainConfig, args.config, args.overrides))
+        if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is gone by now
+            print(f"run directory: {run_dir}")
+
+    return exit_code(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
