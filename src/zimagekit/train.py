@@ -96,6 +96,9 @@ class LoRAFlowMatching(FlowMatching):
     def modules(self):
         return {"lora": self.lora}
 
+    def training_step(self, batch, step):
+        return {"lora": super().training_step(batch, step)["transformer"]}
+
 
 def phase_configs(cfg: ZImageTrainConfig) -> list[ZImageTrainConfig]:
     """One config per phase, each in its own run directory under the run's."""
