@@ -23,7 +23,7 @@ GLOBAL_BATCH = 4
 
 def losses(run_dir) -> list[float]:
     with open(run_dir / "metrics.csv") as fh:
-        return [float(row["loss/transformer"]) for row in csv.DictReader(fh)]
+        return [float(v) for row in csv.DictReader(fh) for k, v in row.items() if k.startswith("loss/")]
 
 
 def weights(run_dir, step: int, name: str = "transformer") -> dict[str, torch.Tensor]:
@@ -114,6 +114,21 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process(setup):
     assert train.main(["--config", str(config), "run.name=fsdp-on-one", "run.resume=true"]) == 0
     assert losses(runs / "fsdp-on-one") == pytest.approx(losses(runs / "single"), rel=1e-5)
     assert_close(weights(runs / "fsdp-on-one", 4), weights(runs / "single", 4), WEIGHT_TOL)
+
+
+def test_lora_on_an_fsdp2_sharded_base_with_gradient_accumulation_equals_one_process(setup):
+    """2 processes x 2 accumulated micro-batches of 1 against 1 process x 2 accumulated
+    micro-batches of 2 (the same global micro-batches): the frozen base is sharded, the
+    adapters' gradients are averaged over processes."""
+    root, config = setup
+    runs = root / "runs"
+    lora = ["lora.rank=2", "ema.enabled=false", "train.grad_accum_steps=2"]
+    assert train.main(["--config", str(config), "run.name=lora-single", *lora,
+                       f"train.batch_size={GLOBAL_BATCH // 2}"]) == 0
+    torchrun(config, "run.name=lora-fsdp", "parallel.strategy=fsdp", *lora, f"train.batch_size={GLOBAL_BATCH // 4}")
+    single, sharded = runs / "lora-single", runs / "lora-fsdp"
+    assert losses(sharded) == pytest.approx(losses(single), rel=1e-5)
+    assert_close(load_file(str(sharded / "lora.safetensors")), load_file(str(single / "lora.safetensors")), WEIGHT_TOL)
 
 
 def test_fsdp2_shards_every_block_and_the_root_with_bf16_params_and_fp32_gradients(tmp_path):
