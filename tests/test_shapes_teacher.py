@@ -3,6 +3,7 @@ trainer, export to a folder diffusers loads, and evaluation with the judge."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,15 +58,27 @@ def test_scene_cache_matches_a_fresh_encoding_and_is_reused(encoders):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-def test_train_export_and_evaluate(encoders, tmp_path):
+@pytest.fixture(scope="module")
+def trained(encoders, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4, and its export."""
+    tmp_path = tmp_path_factory.mktemp("teacher")
+    cfg = tiny_config(encoders, tmp_path)
+    run_dir = teacher.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ckpt_every=2)))
+    out = tmp_path / "shapes-teacher"
+    teacher.export(run_dir, out)
+    return run_dir, out
+
+
+def test_train_export_and_evaluate(trained, tmp_path):
     from diffusers import ZImagePipeline as DiffusersZImagePipeline
+    from safetensors import safe_open
 
     from zimagekit.pipeline import ZImagePipeline
 
-    run_dir = teacher.train(tiny_config(encoders, tmp_path))
+    run_dir, out = trained
     assert (run_dir / "samples" / "step_0000004.png").exists()
-    out = tmp_path / "shapes-teacher"
-    teacher.export(run_dir, out)
+    with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # shipped at half the size
     ours = ZImagePipeline.from_pretrained(out)
     assert ours.defaults == {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
     DiffusersZImagePipeline.from_pretrained(out)  # the exported folder is a real Z-Image folder
@@ -79,3 +92,30 @@ def test_mismatched_caption_width_is_named(encoders, tmp_path):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cap_feat_dim=32))
     with pytest.raises(ZImageKitError, match="model.cap_feat_dim=16"):
         teacher.train(cfg)
+
+
+def test_batched_eval_images_are_the_ones_single_generate_calls_draw(trained):
+    from zimagekit.pipeline import ZImagePipeline
+    from zimagekit.shapes import world
+
+    pipe = ZImagePipeline.from_pretrained(trained[1])
+    samples = teacher.generate_eval_set(pipe, steps=2, guidance_scale=1.0, images_per_prompt=2, batch=3)
+    assert len(samples) == 2 * len(world.eval_prompts())
+    for image, prompt, ids in samples[:4] + samples[-2:]:
+        single = pipe(prompt, height=64, width=64, num_inference_steps=2, guidance_scale=1.0, seed=ids["seed"],
+                      progress=False)[0]
+        # Same noise and maths; only float rounding differs between batch layouts.
+        diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(single, dtype=np.int16))
+        assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+def test_learning_curve_judges_every_kept_checkpoint(trained, tmp_path):
+    run_dir, out = trained
+    rows = teacher.learning_curve(run_dir, out, "transformer", steps=1, guidance_scale=0.0)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        cats = [r[c] for c in teacher.world.CATEGORIES]
+        assert r["overall"] == pytest.approx(sum(cats) / len(cats))
+    teacher.write_curve(rows, tmp_path, "tiny")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert (tmp_path / "curve.csv").read_text().splitlines()[0].startswith("step,")

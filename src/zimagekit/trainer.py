@@ -382,13 +382,17 @@ class EMA:
             self.shadow[name].copy_(tensor)
 
 
-def load_trained(run_dir: Path, group: str, module: nn.Module, use_ema: bool = True) -> Path:
-    """Load group ``group`` of the run's latest checkpoint into ``module`` (a fresh copy of the
-    trained model): its EMA weights by default, else the raw ones. Returns the checkpoint."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not (ckpt_dir / "latest").is_file():
-        raise ZImageKitError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
-    ckpt = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+def load_trained(run_dir: Path, group: str, module: nn.Module, use_ema: bool = True,
+                 checkpoint: Path | None = None) -> Path:
+    """Load group ``group`` of the run's latest checkpoint (or of ``checkpoint``, one of its
+    ``step_*`` directories) into ``module`` (a fresh copy of the trained model): its EMA
+    weights by default, else the raw ones. Returns the checkpoint."""
+    ckpt = checkpoint
+    if ckpt is None:
+        ckpt_dir = Path(run_dir) / "checkpoints"
+        if not (ckpt_dir / "latest").is_file():
+            raise ZImageKitError(f"{run_dir}: no checkpoint to export (checkpoints/latest is missing)")
+        ckpt = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
     module.load_state_dict(load_file(str(ckpt / f"{group}.safetensors")))
     if use_ema:
         if not (ckpt / f"{group}_ema.safetensors").is_file():
