@@ -1,9 +1,9 @@
 """The shapes teacher's plumbing with tiny random encoders: cached data, training through the
-trainer, export to a folder diffusers loads, and evaluation with the judge."""
+trainer, export to a folder diffusers loads, and its evaluate/curve commands (the evaluation
+itself is tested in test_shapes_evaluation.py)."""
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -82,9 +82,11 @@ def test_train_export_and_evaluate(trained, tmp_path):
     ours = ZImagePipeline.from_pretrained(out)
     assert ours.defaults == {"num_inference_steps": 2, "guidance_scale": 1.0, "height": 64, "width": 64}
     DiffusersZImagePipeline.from_pretrained(out)  # the exported folder is a real Z-Image folder
-    report = teacher.evaluate(out, steps=1, guidance_scale=0.0, images_per_prompt=1, out=tmp_path / "eval")
-    assert len(report.records) == 108 and 0.0 <= report.overall <= 1.0
-    assert (tmp_path / "eval" / "grid.png").exists() and (tmp_path / "eval" / "results.jsonl").exists()
+    assert teacher.main(["evaluate", str(out), "--steps", "1", "--cfg-scale", "0", "--images-per-prompt", "1",
+                         "--out", str(tmp_path / "eval")]) == 0
+    assert len((tmp_path / "eval" / "results.jsonl").read_text().splitlines()) == 108
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"results.jsonl", "summary.txt", "metrics.json",
+                                                              "grid.png"}
 
 
 def test_mismatched_caption_width_is_named(encoders, tmp_path):
@@ -94,28 +96,17 @@ def test_mismatched_caption_width_is_named(encoders, tmp_path):
         teacher.train(cfg)
 
 
-def test_batched_eval_images_are_the_ones_single_generate_calls_draw(trained):
-    from zimagekit.pipeline import ZImagePipeline
-    from zimagekit.shapes import world
+def test_curve_command_measures_every_kept_checkpoint(trained, tmp_path):
+    import csv
 
-    pipe = ZImagePipeline.from_pretrained(trained[1])
-    samples = teacher.generate_eval_set(pipe, steps=2, guidance_scale=1.0, images_per_prompt=2, batch=3)
-    assert len(samples) == 2 * len(world.eval_prompts())
-    for image, prompt, ids in samples[:4] + samples[-2:]:
-        single = pipe(prompt, height=64, width=64, num_inference_steps=2, guidance_scale=1.0, seed=ids["seed"],
-                      progress=False)[0]
-        # Same noise and maths; only float rounding differs between batch layouts.
-        diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(single, dtype=np.int16))
-        assert diff.max() <= 2 and diff.mean() < 0.05
-
-
-def test_learning_curve_judges_every_kept_checkpoint(trained, tmp_path):
     run_dir, out = trained
-    rows = teacher.learning_curve(run_dir, out, "transformer", steps=1, guidance_scale=0.0)
-    assert [r["step"] for r in rows] == [2, 4]
+    assert teacher.main(["curve", str(run_dir), str(out), "--steps", "1", "--cfg-scale", "0",
+                         "--images-per-prompt", "2", "--out", str(tmp_path)]) == 0
+    with (tmp_path / "curves.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [2, 4] and {r["run"] for r in rows} == {run_dir.name}
     for r in rows:
-        cats = [r[c] for c in teacher.world.CATEGORIES]
-        assert r["overall"] == pytest.approx(sum(cats) / len(cats))
-    teacher.write_curve(rows, tmp_path, "tiny")
-    assert (tmp_path / "curve.png").stat().st_size > 0
-    assert (tmp_path / "curve.csv").read_text().splitlines()[0].startswith("step,")
+        cats = [float(r[c]) for c in teacher.world.CATEGORIES]
+        assert float(r["overall"]) == pytest.approx(sum(cats) / len(cats))
+        assert float(r["diversity"]) >= 0 and 0 <= float(r["std"]) <= 0.5
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -417,25 +417,31 @@ def train(cfg: DistillConfig) -> Path:
     return trainer.run_dir
 
 
-def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
-    """Write the run's latest student (EMA weights by default) with the teacher folder's text
-    encoder and VAE as a Z-Image folder whose scheduler is the student schedule and whose
-    recorded defaults are N steps, guidance 0 (the student has CFG distilled in), sampled
-    stochastically like backward simulation."""
+def student_pipeline(run_dir: Path, use_ema: bool = True):
+    """The run's latest student (EMA weights by default) in a pipeline with the teacher folder's
+    text encoder and VAE, whose schedule is the student's and whose defaults are N steps,
+    guidance 0 (the student has CFG distilled in), sampled stochastically like backward
+    simulation: what :func:`export` writes, and what evaluation samples each checkpoint with."""
     from ..pipeline import ZImagePipeline
 
     if not (run_dir / "config.yaml").is_file():
         raise ZImageKitError(f"{run_dir}: not a distillation run (config.yaml is missing)")
     cfg = load_config(DistillConfig, run_dir / "config.yaml")
     pipe = ZImagePipeline.from_pretrained(cfg.data.teacher)
-    student = S3DiT(cfg.model)
+    student = S3DiT(cfg.model).requires_grad_(False).eval()
     load_trained(run_dir, "student", student, use_ema)
     defaults = {"num_inference_steps": cfg.distill.student_steps, "guidance_scale": 0.0,
                 "height": cfg.data.height, "width": cfg.data.width}
     # The student is sampled as it was trained: x̂ re-noised with fresh noise at each step.
     schedule = replace(cfg.distill.schedule, stochastic_sampling=True)
+    return ZImagePipeline(student, pipe.vae, pipe.text_encoder, schedule, defaults=defaults)
+
+
+def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
+    """Write :func:`student_pipeline` as a Z-Image folder."""
+    pipe = student_pipeline(run_dir, use_ema)
     with atomic_folder(out) as tmp:
-        ZImagePipeline(student, pipe.vae, pipe.text_encoder, schedule, defaults=defaults).save_pretrained(tmp)
+        pipe.save_pretrained(tmp)
 
 
 def main(argv=None) -> int:

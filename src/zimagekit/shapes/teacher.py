@@ -1,6 +1,7 @@
 """The shapes-world teacher: an S3-DiT pre-trained by flow matching, as Z-Image was, on VAE
 latents of rendered scenes with captions from the shapes text encoder; its export to a
-folder in the Hugging Face layout of Z-Image-Turbo; and its GenEval-style evaluation.
+folder in the Hugging Face layout of Z-Image-Turbo; and commands for its GenEval-style
+evaluation (in :mod:`zimagekit.shapes.evaluation`).
 
     python -m zimagekit.shapes.teacher train --config configs/shapes/teacher.yaml [key=value ...]
     python -m zimagekit.shapes.teacher export runs/shapes-teacher OUT_FOLDER
@@ -31,7 +32,7 @@ from ..s3dit import S3DiT
 from ..trainer import IndexDataSource, Trainer, load_trained, seed_everything
 from ..fileio import atomic_folder, atomic_write
 from . import world
-from .judge import evaluate as judge_evaluate
+from .evaluation import data_eval_set, evaluate, format_metrics, learning_curve, measure, write_curves
 
 IMAGE_SIZE = world.CANVAS
 
@@ -190,97 +191,6 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
         ZImagePipeline(model.to(torch.bfloat16), vae, text, cfg.flow.schedule, defaults=defaults).save_pretrained(tmp)
 
 
-@torch.no_grad()
-def generate_eval_set(pipe, steps: int, guidance_scale: float, images_per_prompt: int = 4, batch: int = 72):
-    """``(image, prompt, {"seed": s})`` for every held-out eval prompt and seeds 0..k-1, in
-    batches. Image (prompt, s) gets its own generator seeded with s, so it is the image
-    ``zimagekit generate PROMPT -s s --steps ... --cfg-scale ...`` draws."""
-    jobs = [(p.text, s) for p in world.eval_prompts() for s in range(images_per_prompt)]
-    samples = []
-    for i in range(0, len(jobs), batch):
-        chunk = jobs[i : i + batch]
-        images = pipe([p for p, _ in chunk], height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                      progress=False)
-        samples += [(im, p, {"seed": s}) for im, (p, s) in zip(images, chunk)]
-    return samples
-
-
-def evaluate(model_folder: Path, steps: int, guidance_scale: float, images_per_prompt: int = 4, out: Path | None = None):
-    """Generate ``images_per_prompt`` images (seeds 0..k-1) for every held-out eval prompt and
-    judge them; returns the judge's report. With ``out``, also writes results.jsonl, the
-    summary table and a grid of the first image of each prompt."""
-    from ..pipeline import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(model_folder)
-    samples = generate_eval_set(pipe, steps, guidance_scale, images_per_prompt)
-    report = judge_evaluate(samples)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        report.write_jsonl(out / "results.jsonl")
-        (out / "summary.txt").write_text(report.summary() + "\n")
-        firsts = [img for img, _, ids in samples if ids["seed"] == 0]
-        _grid(firsts, cols=world.EVAL_PER_CATEGORY).save(out / "grid.png")
-    return report
-
-
-def learning_curve(run_dir: Path, model_folder: Path, group: str, steps: int, guidance_scale: float,
-                   images_per_prompt: int = 1) -> list[dict]:
-    """Judge accuracy of every checkpoint kept in ``run_dir`` (EMA weights of ``group``),
-    sampled through ``model_folder``'s encoders and schedule: one row per checkpoint with
-    the step, each category's accuracy and the overall (GenEval's mean of categories)."""
-    from ..pipeline import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(model_folder)
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.removeprefix("step_")))
-    if not ckpts:
-        raise ZImageKitError(f"{run_dir}: no checkpoints to evaluate (checkpoints/step_* is missing)")
-    rows = []
-    for ckpt in ckpts:
-        load_trained(run_dir, group, pipe.transformer, checkpoint=ckpt)
-        report = judge_evaluate(generate_eval_set(pipe, steps, guidance_scale, images_per_prompt))
-        rows.append({"step": int(ckpt.name.removeprefix("step_")), **report.accuracy(), "overall": report.overall})
-    return rows
-
-
-def write_curve(rows: list[dict], out: Path, title: str) -> None:
-    """curve.csv and curve.png (overall and per-category accuracy against training step)."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "curve.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    for cat in world.CATEGORIES:
-        ax.plot(steps, [r.get(cat) for r in rows], lw=1, alpha=0.6, label=cat)
-    ax.plot(steps, [r["overall"] for r in rows], "k-o", lw=2, ms=3, label="overall")
-    ax.set(xlabel="training step", ylabel="judge accuracy", ylim=(0, 1.02), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=120)
-    plt.close(fig)
-
-
-def _grid(images, cols: int):
-    from PIL import Image
-
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimagekit.shapes.teacher", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,16 +200,16 @@ def main(argv=None) -> int:
     v.add_argument("model", type=Path, help="a Z-Image model folder")
     v.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     v.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w in pos + w(pos - neg) (default 3)")
-    v.add_argument("--images-per-prompt", type=int, default=4, help="seeds 0..k-1 per prompt (default 4)")
-    v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt and grid.png")
-    c = sub.add_parser("curve", help="judge every checkpoint of a run: curve.csv and curve.png")
+    v.add_argument("--images-per-prompt", type=int, default=4, help="images per eval prompt, fixed seeds (default 4)")
+    v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt, metrics.json and grid.png")
+    c = sub.add_parser("curve", help="judge and measure every checkpoint of a run: curves.csv and curves.png")
     c.add_argument("run_dir", type=Path, help="the training run directory")
     c.add_argument("model", type=Path, help="a model folder exported from the run (its encoders and scheduler)")
     c.add_argument("--group", default="transformer", help="the checkpoint group to load (default transformer)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     c.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w (default 3)")
-    c.add_argument("--images-per-prompt", type=int, default=1, help="seeds 0..k-1 per prompt (default 1)")
-    c.add_argument("--out", type=Path, required=True, help="folder for curve.csv and curve.png")
+    c.add_argument("--images-per-prompt", type=int, default=1, help="images per eval prompt, fixed seeds; diversity needs 2 (default 1)")
+    c.add_argument("--out", type=Path, required=True, help="folder for curves.csv and curves.png")
     args = parser.parse_args(argv)
 
     def run():
@@ -309,13 +219,18 @@ def main(argv=None) -> int:
             export(args.run_dir, args.out, use_ema=not args.no_ema)
             print(f"wrote {args.out}")
         elif args.command == "evaluate":
-            print(evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out).summary())
+            report, row = evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out)
+            print(f"{report.summary()}\n{format_metrics(row)}")
         else:
-            rows = learning_curve(args.run_dir, args.model, args.group, args.steps, args.cfg_scale,
-                                  args.images_per_prompt)
-            write_curve(rows, args.out, f"{args.run_dir.name}: {args.steps} steps, w = {args.cfg_scale:g}")
+            from ..pipeline import ZImagePipeline
+
+            rows = learning_curve(args.run_dir, ZImagePipeline.from_pretrained(args.model), args.group, args.steps,
+                                  args.cfg_scale, args.images_per_prompt)
+            _, data = measure(data_eval_set(args.images_per_prompt))
+            write_curves({args.run_dir.name: rows}, args.out,
+                         f"{args.run_dir.name}: {args.steps} steps, w = {args.cfg_scale:g}", reference=data)
             for r in rows:
-                print(f"step {r['step']:>7}: overall {100 * r['overall']:.1f}%")
+                print(f"step {r['step']:>7}: overall {100 * r['overall']:.1f}%  {format_metrics(r)}")
 
     return exit_code(run)
 
