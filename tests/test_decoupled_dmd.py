@@ -487,5 +487,7 @@ def test_distill_yaml_loads():
     from zimagekit.runconfig import load_config
 
     cfg = load_config(dd.DistillConfig, Path(__file__).parents[1] / "configs" / "shapes" / "distill.yaml")
-    assert cfg.distill.mode == "hybrid" and cfg.distill.student_steps == 4 and cfg.distill.fake_updates_per_student == 5
+    assert cfg.distill.mode == "hybrid" and cfg.distill.student_steps == 8 and cfg.distill.fake_updates_per_student == 5
+    # every checkpoint stays for the learning curves
+    assert cfg.train.keep_last_ckpts >= cfg.train.steps // cfg.train.ckpt_every
     assert math.isclose(1 + cfg.distill.guidance_scale, 4.0)
