@@ -160,7 +160,7 @@ def test_compare_writes_the_table_json_and_grids(distill_runs, tiny_model_dir, t
 
 
 def test_curves_measure_every_kept_checkpoint_of_every_run(distill_runs, tmp_path):
-    assert ev.main(["curves", *map(str, distill_runs), "--out", str(tmp_path)]) == 0
+    assert ev.main(["curves", *map(str, distill_runs), "--images-per-prompt", "2", "--out", str(tmp_path)]) == 0
     with (tmp_path / "curves.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["run"], int(r["step"])) for r in rows] == [

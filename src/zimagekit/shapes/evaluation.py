@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     v = sub.add_parser("curves", help="metrics over the kept checkpoints of distillation runs: "
                        "curves.png, curves.csv, ablation.md")
     v.add_argument("runs", type=Path, nargs="+", help="distillation run directories (line labels: their names)")
-    v.add_argument("--images-per-prompt", type=int, default=2, help="images per eval prompt (default 2)")
+    v.add_argument("--images-per-prompt", type=int, default=4, help="images per eval prompt (default 4)")
     v.add_argument("--out", type=Path, required=True, help="output folder, e.g. docs/distill/ablation")
     args = parser.parse_args(argv)
 

@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     c.add_argument("--group", default="transformer", help="the checkpoint group to load (default transformer)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     c.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w (default 3)")
-    c.add_argument("--images-per-prompt", type=int, default=1, help="images per eval prompt, fixed seeds; diversity needs 2 (default 1)")
+    c.add_argument("--images-per-prompt", type=int, default=1,
+                   help="images per eval prompt, fixed seeds; diversity needs 2 (default 1)")
     c.add_argument("--out", type=Path, required=True, help="folder for curves.csv and curves.png")
     args = parser.parse_args(argv)
 
