@@ -156,6 +156,8 @@ def test_compare_writes_the_table_json_and_grids(distill_runs, tiny_model_dir, t
         assert r["overall"] == pytest.approx(sum(cats) / len(cats))
     table = (out / "results.md").read_text().splitlines()
     assert sum(line.startswith("| ") for line in table) == 1 + len(rows)
+    gap = 100 * (rows[3]["overall"] - rows[2]["overall"])
+    assert f"- student student: {gap:+.1f} points overall against teacher 2 steps" in table
     assert (out / "student-student" / "grid.png").stat().st_size > 0
 
 

@@ -304,8 +304,10 @@ def markdown_table(rows: list[dict], first: tuple[str, ...]) -> str:
 
 def compare(entries: list[Entry], images_per_prompt: int, out: Path, vae_folder: Path | None = None) -> list[dict]:
     """Evaluate each entry (plus the data, and the data through ``vae_folder``'s VAE) on the
-    same jobs; write out/<name>/{results.jsonl, summary.txt, metrics.json, grid.png}, out/results.json and
-    out/results.md. Returns the rows; ``nfe`` counts transformer calls (two per step with CFG)."""
+    same jobs; write out/<name>/{results.jsonl, summary.txt, metrics.json, grid.png},
+    out/results.json and out/results.md (the table, and each later model's overall score
+    against the first's). Returns the rows; NFE counts transformer calls (two per step with
+    CFG)."""
     from ..pipeline import ZImagePipeline
 
     if len({e.name for e in entries}) != len(entries):
@@ -334,9 +336,14 @@ def compare(entries: list[Entry], images_per_prompt: int, out: Path, vae_folder:
                 "seeds": "entry e, image j: seed e + j * (number of entries)",
                 "models": {e.name: str(e.folder) for e in entries}}
     (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    # Issue 5's bar is relative to the first model (the teacher at 50 steps with CFG).
+    models = rows[len(sets) - len(entries):]
+    gaps = "".join(f"\n- {r['model']}: {100 * (r['overall'] - models[0]['overall']):+.1f} points overall against "
+                   f"{models[0]['model']}" for r in models[1:])
     (out / "results.md").write_text(
         f"{len(world.eval_prompts())} held-out eval prompts x {images_per_prompt} images (fixed seeds); "
-        f"NFE = transformer calls per image.\n\n" + markdown_table(rows, ("model", "steps", "cfg w", "NFE")) + "\n")
+        f"NFE = transformer calls per image.\n\n" + markdown_table(rows, ("model", "steps", "cfg w", "NFE"))
+        + "\n" + gaps + "\n")
     return rows
 
 
