@@ -329,6 +329,17 @@ def sample_scene(rng_or_seed, split: str = "train") -> Scene:
     return scene_for_prompt(sample_prompt(rng, split), rng, split)
 
 
+def sample_layout(rng_or_seed) -> tuple[SceneObject, ...]:
+    """1-4 objects of any colour and shape, HELD_OUT combinations included, with no caption:
+    the world's whole image domain, which a caption-free model (the VAE) learns. Captioned
+    training scenes never show a HELD_OUT combination, so a VAE trained on them alone fails
+    on exactly the objects the evaluation prompts ask for."""
+    rng = _as_rng(rng_or_seed)
+    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    combos = list(itertools.product(SHAPES, COLORS))
+    return place_objects(rng, [_pick(rng, combos) for _ in range(n)])
+
+
 # ----------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------
@@ -352,11 +363,12 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The scene as a crisp uint8 (64, 64, 3) image: only palette and background colours."""
+def render(scene: Scene | tuple[SceneObject, ...]) -> np.ndarray:
+    """A scene (or bare objects) as a crisp uint8 (64, 64, 3) image: only palette and
+    background colours."""
     image = np.empty((CANVAS, CANVAS, 3), np.uint8)
     image[:] = BACKGROUND
-    for o in scene.objects:
+    for o in scene.objects if isinstance(scene, Scene) else scene:
         x0, y0, x1, y1 = o.bbox
         image[y0:y1, x0:x1][shape_mask(o.shape, o.size)] = COLORS[o.color]
     return image
