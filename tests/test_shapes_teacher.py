@@ -110,3 +110,34 @@ def test_curve_command_measures_every_kept_checkpoint(trained, tmp_path):
         assert float(r["overall"]) == pytest.approx(sum(cats) / len(cats))
         assert float(r["diversity"]) >= 0 and 0 <= float(r["std"]) <= 0.5
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_init_starts_a_run_from_an_exported_teacher(trained, encoders, tmp_path):
+    from zimagekit.s3dit import S3DiT
+
+    _, out = trained
+    cfg = tiny_config(encoders, tmp_path)
+    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, init=str(out)))
+    shipped = S3DiT.from_pretrained(out / "transformer").state_dict()
+    started = teacher.build_transformer(cfg).state_dict()
+    assert started.keys() == shipped.keys()
+    assert all(torch.equal(started[k], shipped[k].float()) for k in shipped)
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=64, axes_dims=(8, 12, 12)))
+    with pytest.raises(ZImageKitError, match="teacher.init"):
+        teacher.build_transformer(wider)
+
+
+def test_dual_stream_run_trains_on_the_same_data_and_is_curved_not_exported(trained, encoders, tmp_path):
+    from zimagekit.dual_stream import DualStreamDiT
+
+    cfg = tiny_config(encoders, tmp_path)
+    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, architecture="dual_stream"),
+                              train=dataclasses.replace(cfg.train, sample_every=0))
+    assert isinstance(teacher.build_transformer(cfg), DualStreamDiT)
+    run_dir = teacher.train(cfg)
+    with pytest.raises(ZImageKitError, match="no Z-Image folder"):
+        teacher.export(run_dir, tmp_path / "out")
+    # Evaluated through the single-stream folder's encoders and schedule.
+    assert teacher.main(["curve", str(run_dir), str(trained[1]), "--steps", "1", "--cfg-scale", "0",
+                         "--out", str(tmp_path / "curve")]) == 0
+    assert (tmp_path / "curve" / "curves.csv").read_text().count("\n") == 2  # header + the step-4 checkpoint

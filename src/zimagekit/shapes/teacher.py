@@ -20,6 +20,7 @@ import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,10 +52,41 @@ class DataSection:
 
 @dataclass
 class TeacherSection:
-    """How the sample grid is drawn (and the defaults the exported folder records)."""
+    """The transformer's stream structure, how the sample grid is drawn, and the sampling
+    defaults the exported folder records."""
 
+    # "dual_stream" trains the MMDiT-style counterfactual of zimagekit.dual_stream (same
+    # embedders, token layout and final layer; model.n_layers dual blocks, no refiners) on
+    # the same data, for the single- vs dual-stream comparison. It has no Z-Image folder
+    # layout, so it is evaluated from its run directory (``curve --architecture``).
+    architecture: Literal["single_stream", "dual_stream"] = "single_stream"
+    # A Z-Image folder (or its transformer/ folder) whose transformer starts the run instead
+    # of a random init: how a later session continues the shipped teacher (a fresh
+    # optimizer; the shipped weights are the EMA). Its config must equal ``model``.
+    init: str | None = None
     steps: int = 30
     guidance_scale: float = 3.0
+
+
+def build_transformer(cfg: "TeacherConfig") -> S3DiT:
+    """The transformer of the config's architecture: freshly initialised, or with the
+    weights of ``teacher.init``."""
+    if cfg.teacher.architecture == "dual_stream":
+        from ..dual_stream import DualStreamDiT
+
+        if cfg.teacher.init is not None:
+            raise ZImageKitError("teacher.init loads a Z-Image (single-stream) transformer; a dual_stream run "
+                                 "starts from scratch")
+        return DualStreamDiT(cfg.model)
+    model = S3DiT(cfg.model)
+    if cfg.teacher.init is not None:
+        folder = Path(cfg.teacher.init)
+        start = S3DiT.from_pretrained(folder / "transformer" if (folder / "transformer").is_dir() else folder)
+        if start.config != cfg.model:
+            raise ZImageKitError(f"teacher.init={folder} holds a transformer with config {start.config}, not the "
+                                 f"run's model section; copy its transformer/config.json values into model")
+        model.load_state_dict(start.state_dict())
+    return model
 
 
 @dataclass
@@ -164,8 +196,10 @@ def train(cfg: TeacherConfig) -> Path:
     latent_hw = encoded["latents"].shape[-2:]
     p = cfg.model.all_patch_size[0]
     tokens = (latent_hw[0] * latent_hw[1] // p**2, int(encoded["caption_lengths"].float().mean()))
-    model = S3DiT(cfg.model)
+    model = build_transformer(cfg)
     sampler = make_sampler(vae, text, cfg.flow.schedule, cfg.teacher.steps, cfg.teacher.guidance_scale)
+    # forward_flops counts S3-DiT's layout; the dual-stream run logs no MFU.
+    tokens = tokens if cfg.teacher.architecture == "single_stream" else None
     algorithm = FlowMatching(model, cfg.flow, text.encode([""])[0].float(), sampler, tokens_per_sample=tokens)
     trainer = Trainer(cfg, algorithm, data_source(encoded, cfg.train.batch_size, cfg.data.seed))
     trainer.fit()
@@ -180,15 +214,20 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     from ..pipeline import ZImagePipeline
 
     cfg = load_config(TeacherConfig, run_dir / "config.yaml")
+    if cfg.teacher.architecture != "single_stream":
+        raise ZImageKitError(f"{run_dir} trained a {cfg.teacher.architecture} model, which has no Z-Image folder "
+                             f"layout; evaluate its checkpoints with `curve` instead")
     model = S3DiT(cfg.model)
     load_trained(run_dir, "transformer", model, use_ema)
     vae, text = load_encoders(cfg.data)
     defaults = {"num_inference_steps": cfg.teacher.steps, "guidance_scale": cfg.teacher.guidance_scale,
                 "height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    # bf16 storage halves the shipped size; the run trained under bf16 autocast, and the
-    # pipeline upcasts to the dtype it is asked for.
+    # bf16 storage halves the shipped size; the pipeline upcasts to the dtype it is asked for
+    # (the VAE to fp32 always, as its config says). The VAE's weights are bf16 values already
+    # (see zimagekit.shapes.vae.export), so that copy is exact.
     with atomic_folder(out) as tmp:
-        ZImagePipeline(model.to(torch.bfloat16), vae, text, cfg.flow.schedule, defaults=defaults).save_pretrained(tmp)
+        ZImagePipeline(model.to(torch.bfloat16), vae.to(torch.bfloat16), text, cfg.flow.schedule,
+                       defaults=defaults).save_pretrained(tmp)
 
 
 def main(argv=None) -> int:
@@ -204,7 +243,8 @@ def main(argv=None) -> int:
     v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt, metrics.json and grid.png")
     c = sub.add_parser("curve", help="judge and measure every checkpoint of a run: curves.csv and curves.png")
     c.add_argument("run_dir", type=Path, help="the training run directory")
-    c.add_argument("model", type=Path, help="a model folder exported from the run (its encoders and scheduler)")
+    c.add_argument("model", type=Path, help="a Z-Image model folder with the run's encoders and scheduler (e.g. "
+                   "the exported teacher); a dual-stream run's transformer replaces the folder's")
     c.add_argument("--group", default="transformer", help="the checkpoint group to load (default transformer)")
     c.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     c.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w (default 3)")
@@ -225,8 +265,11 @@ def main(argv=None) -> int:
         else:
             from ..pipeline import ZImagePipeline
 
-            rows = learning_curve(args.run_dir, ZImagePipeline.from_pretrained(args.model), args.group, args.steps,
-                                  args.cfg_scale, args.images_per_prompt)
+            pipe = ZImagePipeline.from_pretrained(args.model)
+            run_cfg = load_config(TeacherConfig, args.run_dir / "config.yaml")
+            if run_cfg.teacher.architecture != "single_stream":
+                pipe.transformer = build_transformer(run_cfg).eval()
+            rows = learning_curve(args.run_dir, pipe, args.group, args.steps, args.cfg_scale, args.images_per_prompt)
             _, data = measure(data_eval_set(args.images_per_prompt))
             write_curves({args.run_dir.name: rows}, args.out,
                          f"{args.run_dir.name}: {args.steps} steps, w = {args.cfg_scale:g}", reference=data)
