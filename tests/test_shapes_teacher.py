@@ -137,7 +137,28 @@ def test_dual_stream_run_trains_on_the_same_data_and_is_curved_not_exported(trai
     run_dir = teacher.train(cfg)
     with pytest.raises(ZImageKitError, match="no Z-Image folder"):
         teacher.export(run_dir, tmp_path / "out")
-    # Evaluated through the single-stream folder's encoders and schedule.
-    assert teacher.main(["curve", str(run_dir), str(trained[1]), "--steps", "1", "--cfg-scale", "0",
-                         "--out", str(tmp_path / "curve")]) == 0
-    assert (tmp_path / "curve" / "curves.csv").read_text().count("\n") == 2  # header + the step-4 checkpoint
+    # Evaluated through the single-stream folder's encoders and schedule, beside the
+    # single-stream run: two checkpoints of it, one of the dual-stream run.
+    assert teacher.main(["streams", str(trained[0]), str(run_dir), "--model", str(trained[1]), "--steps", "1",
+                         "--cfg-scale", "0", "--out", str(tmp_path / "streams")]) == 0
+    table = (tmp_path / "streams" / "streams.md").read_text().splitlines()
+    assert len(table) == 4 and "single_stream" in table[2] and "dual_stream" in table[3]
+    assert (tmp_path / "streams" / "curves.csv").read_text().count("\n") == 4
+    assert (tmp_path / "streams" / "accuracy_vs_flops.png").stat().st_size > 0
+
+
+def test_training_flops_are_forward_plus_backward_of_the_closed_form_count(trained, encoders):
+    from zimagekit.s3dit import forward_flops
+
+    cfg = tiny_config(encoders, trained[0].parent)
+    vae, text = teacher.load_encoders(encoders)
+    encoded = teacher.encode_scenes(encoders, vae, text)
+    measured = teacher.training_flops_per_sample(cfg, encoded, batch=4)
+    batch = teacher.data_source(encoded, 4, 0).make_batch([0, 1, 2, 3])
+    img = [encoded["latents"].shape[-1] * encoded["latents"].shape[-2] // 4] * 4
+    forward = forward_flops(cfg.model, img, [len(c) for c in batch["captions"]]) / 4
+    # A GEMM's backward is two GEMMs of its size (input and weight gradients), except that
+    # no input gradient is taken for the embedders (latents, caption features, timestep
+    # features need none): between 2.5 and 3 forwards even where, as here, embedders are
+    # a large share of the work.
+    assert 2.5 * forward < measured <= 3 * forward

@@ -230,6 +230,72 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
                        defaults=defaults).save_pretrained(tmp)
 
 
+def training_flops_per_sample(cfg: TeacherConfig, encoded: dict[str, torch.Tensor], batch: int = 16) -> float:
+    """FLOPs of one flow-matching training step (forward and backward) per sample, as
+    PyTorch's FLOP counter (matmuls and attention) counts them on the first ``batch``
+    cached training samples: the one yardstick both stream structures are measured with."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_transformer(cfg)
+    item = data_source(encoded, batch, 0).make_batch(list(range(batch)))
+    with FlopCounterMode(display=False) as counter:
+        pred = model(item["latents"], torch.full((batch,), 0.5), item["captions"])
+        pred.float().square().mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidance_scale: float,
+                    images_per_prompt: int, out: Path) -> list[dict]:
+    """Single- vs dual-stream (issue 6): every kept checkpoint of each run judged through
+    ``model_folder``'s encoders and schedule, each row with its training compute (steps x
+    batch x FLOPs per sample); writes curves.csv/png (per step), accuracy_vs_flops.png and
+    streams.md (parameters, FLOPs, and accuracy at the last checkpoint and at equal compute)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..pipeline import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(model_folder)
+    curves, facts = {}, {}
+    for run_dir in run_dirs:
+        cfg = load_config(TeacherConfig, run_dir / "config.yaml")
+        vae, text = load_encoders(cfg.data)
+        flops = training_flops_per_sample(cfg, encode_scenes(cfg.data, vae, text))
+        pipe.transformer = build_transformer(cfg).eval()
+        name = f"{cfg.teacher.architecture} ({run_dir.name})"
+        rows = learning_curve(run_dir, pipe, "transformer", steps, guidance_scale, images_per_prompt)
+        for r in rows:
+            r["training_flops"] = r["step"] * cfg.train.batch_size * cfg.train.grad_accum_steps * flops
+        curves[name] = rows
+        facts[name] = {"parameters": sum(p.numel() for p in pipe.transformer.parameters()), "flops": flops}
+    _, data = measure(data_eval_set(images_per_prompt))
+    write_curves(curves, out, f"single vs dual stream: {steps} steps, w = {guidance_scale:g}", reference=data)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in curves.items():
+        ax.plot([r["training_flops"] for r in rows], [r["overall"] for r in rows], "-o", ms=3, label=name)
+    ax.set(xscale="log", xlabel="training FLOPs (PyTorch's counter)", ylabel="judge accuracy (overall)", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_flops.png", dpi=120)
+    plt.close(fig)
+
+    # Equal compute: each run at its last checkpoint within the smallest final budget.
+    budget = min(rows[-1]["training_flops"] for rows in curves.values())
+    lines = ["| model | parameters | training GFLOP / sample | steps | overall (last) | "
+             f"overall at {budget:.3g} FLOPs |", "|---|---|---|---|---|---|"]
+    for name, rows in curves.items():
+        within = [r for r in rows if r["training_flops"] <= budget * 1.0001]
+        at = f"{100 * within[-1]['overall']:.1f}% (step {within[-1]['step']})" if within else "- (no checkpoint)"
+        lines.append(f"| {name} | {facts[name]['parameters']:,} | {facts[name]['flops'] / 1e9:.2f} | "
+                     f"{rows[-1]['step']} | {100 * rows[-1]['overall']:.1f}% | {at} |")
+    (out / "streams.md").write_text("\n".join(lines) + "\n")
+    return [{"run": n, **r} for n, rows in curves.items() for r in rows]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimagekit.shapes.teacher", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +317,14 @@ def main(argv=None) -> int:
     c.add_argument("--images-per-prompt", type=int, default=1,
                    help="images per eval prompt, fixed seeds; diversity needs 2 (default 1)")
     c.add_argument("--out", type=Path, required=True, help="folder for curves.csv and curves.png")
+    d = sub.add_parser("streams", help="single- vs dual-stream runs: accuracy against training compute")
+    d.add_argument("runs", type=Path, nargs="+", help="training run directories (e.g. runs/shapes-teacher "
+                   "runs/shapes-dual-stream)")
+    d.add_argument("--model", type=Path, required=True, help="a Z-Image folder with the runs' encoders and scheduler")
+    d.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    d.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w (default 3)")
+    d.add_argument("--images-per-prompt", type=int, default=1, help="images per eval prompt (default 1)")
+    d.add_argument("--out", type=Path, required=True, help="folder for curves, accuracy_vs_flops.png and streams.md")
     args = parser.parse_args(argv)
 
     def run():
@@ -259,6 +333,9 @@ def main(argv=None) -> int:
         elif args.command == "export":
             export(args.run_dir, args.out, use_ema=not args.no_ema)
             print(f"wrote {args.out}")
+        elif args.command == "streams":
+            compare_streams(args.runs, args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out)
+            print((args.out / "streams.md").read_text(), end="")
         elif args.command == "evaluate":
             report, row = evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out)
             print(f"{report.summary()}\n{format_metrics(row)}")
