@@ -14,6 +14,7 @@ from zimagekit.shapes.world import (
     CATEGORIES,
     COLORS,
     HELD_OUT,
+    SEEN_FEATURED,
     SHAPES,
     ObjectSpec,
     Prompt,
@@ -157,6 +158,24 @@ def test_eval_prompts_are_balanced_and_use_the_held_out_combinations():
     for p in [p for p in prompts if p.category == "color_attr"]:
         assert p.objects[0].color != p.objects[1].color
     assert sample_prompt(3, "eval") in prompts
+
+
+def test_seen_twin_of_the_eval_set_names_only_training_combinations():
+    held, seen = eval_prompts(), eval_prompts("seen")
+    assert [p.category for p in seen] == [p.category for p in held]
+    assert [len(p.objects) for p in seen] == [len(p.objects) for p in held]
+    assert [p.relation for p in seen] == [p.relation for p in held]
+    for p in seen:
+        assert not _combos(p) & set(HELD_OUT), p.text
+        if p.category in ("counting", "colors", "position", "color_attr"):
+            assert _combos(p) & set(SEEN_FEATURED), p.text
+        if p.category == "color_attr":
+            assert p.objects[0].color != p.objects[1].color
+        if p.category == "position":
+            assert p.objects[0] != p.objects[1], p.text  # two objects the judge can tell apart
+        assert parse_prompt(p.text) == p
+    with pytest.raises(ZImageKitError, match="prompt set"):
+        eval_prompts("train")
 
 
 def test_every_prompt_parses_back_to_its_requirement():

@@ -55,21 +55,22 @@ METRICS = ("diversity", "saturation", "mean", "std")
 # ----------------------------------------------------------------------------------------
 
 
-def eval_jobs(images_per_prompt: int) -> list[tuple[int, world.Prompt, int]]:
-    """``(entry, prompt, seed)`` for image j of every eval entry e, seed = e + j·E, entry-major."""
+def eval_jobs(images_per_prompt: int, combos: str = "held_out") -> list[tuple[int, world.Prompt, int]]:
+    """``(entry, prompt, seed)`` for image j of every entry e of ``world.eval_prompts(combos)``,
+    seed = e + j·E, entry-major."""
     if images_per_prompt < 1:
         raise ZImageKitError(f"images per prompt must be at least 1, got {images_per_prompt}")
-    prompts = world.eval_prompts()
+    prompts = world.eval_prompts(combos)
     return [(e, p, e + j * len(prompts)) for e, p in enumerate(prompts) for j in range(images_per_prompt)]
 
 
 @torch.no_grad()
 def generate_eval_set(pipe, steps: int | None = None, guidance_scale: float | None = None,
-                      images_per_prompt: int = 4, batch: int = 72):
+                      images_per_prompt: int = 4, batch: int = 72, combos: str = "held_out"):
     """``(image, prompt, {"entry": e, "seed": s})`` for every job of :func:`eval_jobs`, drawn by
     ``pipe`` in batches; ``None`` takes the folder's default. Each image has its own generator
     seeded with s, so batching does not change it."""
-    jobs = eval_jobs(images_per_prompt)
+    jobs = eval_jobs(images_per_prompt, combos)
     samples = []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]
@@ -80,13 +81,13 @@ def generate_eval_set(pipe, steps: int | None = None, guidance_scale: float | No
     return samples
 
 
-def data_eval_set(images_per_prompt: int = 4):
+def data_eval_set(images_per_prompt: int = 4, combos: str = "held_out"):
     """The data's answer to the same jobs: ``world.scene_for_prompt(prompt, seed)`` rendered
     (eval split, so held-out colour-shape pairs appear). This, not a sample of training scenes,
     is the reference, because the eval prompts' mix of counts and colours is not the training
     mix, and image mean, std and saturation move with it."""
     return [(world.render(world.scene_for_prompt(p, s, split="eval")), p, {"entry": e, "seed": s})
-            for e, p, s in eval_jobs(images_per_prompt)]
+            for e, p, s in eval_jobs(images_per_prompt, combos)]
 
 
 @torch.no_grad()
@@ -187,14 +188,14 @@ def format_metrics(row: dict) -> str:
 
 
 def evaluate(model_folder: Path, steps: int | None, guidance_scale: float | None, images_per_prompt: int = 4,
-             out: Path | None = None) -> tuple[Report, dict]:
+             out: Path | None = None, combos: str = "held_out") -> tuple[Report, dict]:
     """:func:`measure` of ``model_folder``'s eval set (``None``: the folder's default steps or
-    guidance). With ``out``, also writes results.jsonl (per image), summary.txt, metrics.json
+    guidance; ``combos``: the held-out prompts or their seen-combination twin). With ``out``, also writes results.jsonl (per image), summary.txt, metrics.json
     (the row) and grid.png (image 0 of every entry, one category per row)."""
     from ..pipeline import ZImagePipeline
 
     samples = generate_eval_set(ZImagePipeline.from_pretrained(model_folder), steps, guidance_scale,
-                                images_per_prompt)
+                                images_per_prompt, combos=combos)
     report, row = measure(samples)
     if out is not None:
         _write_eval(out, samples, report, row)

@@ -307,6 +307,9 @@ def main(argv=None) -> int:
     v.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w in pos + w(pos - neg) (default 3)")
     v.add_argument("--images-per-prompt", type=int, default=4, help="images per eval prompt, fixed seeds (default 4)")
     v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt, metrics.json and grid.png")
+    v.add_argument("--prompts", choices=world.PROMPT_SETS, default="held_out",
+                   help="held_out: the eval prompts, which name held-out colour-shape pairs (default); seen: "
+                   "their twin naming only training pairs, to tell unlearnt from ungeneralised")
     c = sub.add_parser("curve", help="judge and measure every checkpoint of a run: curves.csv and curves.png")
     c.add_argument("run_dir", type=Path, help="the training run directory")
     c.add_argument("model", type=Path, help="a Z-Image model folder with the run's encoders and scheduler (e.g. "
@@ -337,7 +340,8 @@ def main(argv=None) -> int:
             compare_streams(args.runs, args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out)
             print((args.out / "streams.md").read_text(), end="")
         elif args.command == "evaluate":
-            report, row = evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out)
+            report, row = evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out,
+                                   combos=args.prompts)
             print(f"{report.summary()}\n{format_metrics(row)}")
         else:
             from ..pipeline import ZImagePipeline

@@ -60,6 +60,10 @@ TRAIN_COMBOS = tuple((c, s) for c in COLORS for s in SHAPES if (c, s) not in HEL
 # Each category has the same number of evaluation entries so per-category accuracies carry
 # the same sampling error; categories with fewer distinct prompts repeat them.
 EVAL_PER_CATEGORY = 18
+# The seen-combination twin of the eval set puts these in HELD_OUT's places: one per shape,
+# each in a colour the held-out triple does not use, all of them in training captions.
+SEEN_FEATURED = (("green", "triangle"), ("orange", "circle"), ("purple", "square"))
+PROMPT_SETS = ("held_out", "seen")
 
 
 @dataclass(frozen=True)
@@ -186,30 +190,41 @@ def parse_prompt(text: str) -> Prompt:
 
 
 @lru_cache(maxsize=None)
-def eval_prompts() -> tuple[Prompt, ...]:
+def eval_prompts(combos: str = "held_out") -> tuple[Prompt, ...]:
     """The fixed evaluation set: EVAL_PER_CATEGORY entries per category, in CATEGORIES order.
 
-    Built by enumeration, not sampling, so it cannot drift with numpy versions. Every entry
-    whose category names colours names at least one HELD_OUT combination.
+    Built by enumeration, not sampling, so it cannot drift with numpy versions. With
+    ``combos="held_out"`` (the evaluation set) every entry whose category names colours names
+    at least one HELD_OUT combination. ``combos="seen"`` is its twin for telling what a model
+    failed to learn from what it failed to generalise: the same templates with SEEN_FEATURED
+    in HELD_OUT's places and every partner a training combination, so no entry names a
+    held-out pair.
     """
+    if combos not in PROMPT_SETS:
+        raise ZImageKitError(f"unknown prompt set {combos!r}; use one of {', '.join(PROMPT_SETS)}")
+    featured = HELD_OUT if combos == "held_out" else SEEN_FEATURED
+    # color_attr partners: any combination in another colour for the held-out set (held-out
+    # ones too), training combinations only for the seen set.
+    attr_pool = list(itertools.product(COLORS, SHAPES)) if combos == "held_out" else list(TRAIN_COMBOS)
     n = EVAL_PER_CATEGORY
     ordered_pairs = list(itertools.permutations(SHAPES, 2))
     single = [make_prompt("single_object", (ObjectSpec(s),)) for s in SHAPES]
     two = [make_prompt("two_object", (ObjectSpec(a), ObjectSpec(b))) for a, b in ordered_pairs]
     counting = [
-        make_prompt("counting", (ObjectSpec(s, c),) * k) for c, s in HELD_OUT for k in COUNT_WORDS
+        make_prompt("counting", (ObjectSpec(s, c),) * k) for c, s in featured for k in COUNT_WORDS
     ]
-    colors = [make_prompt("colors", (ObjectSpec(s, c),)) for c, s in HELD_OUT]
+    colors = [make_prompt("colors", (ObjectSpec(s, c),)) for c, s in featured]
     position, color_attr = [], []
     for i in range(n):
-        # Cycle held-out combos (period 3) against relations (period 4) and let the held-out
+        # Cycle featured combos (period 3) against relations (period 4) and let the featured
         # object alternate between the two slots, so no slot or relation is favoured.
-        held = ObjectSpec(HELD_OUT[i % 3][1], HELD_OUT[i % 3][0])
+        held = ObjectSpec(featured[i % 3][1], featured[i % 3][0])
         c, s = TRAIN_COMBOS[(7 * i + 2) % len(TRAIN_COMBOS)]
+        if (s, c) == (held.shape, held.color):  # the seen set's featured pair is a training one
+            c, s = TRAIN_COMBOS[(7 * i + 3) % len(TRAIN_COMBOS)]
         pair = (held, ObjectSpec(s, c)) if (i // 3) % 2 == 0 else (ObjectSpec(s, c), held)
         position.append(make_prompt("position", pair, RELATIONS[i % 4]))
-        # color_attr partners are any combo (held-out ones too) in another colour.
-        others = [(c, s) for c, s in itertools.product(COLORS, SHAPES) if c != held.color]
+        others = [(c, s) for c, s in attr_pool if c != held.color]
         c, s = others[(7 * i + 3) % len(others)]
         pair = (held, ObjectSpec(s, c)) if i % 2 == 0 else (ObjectSpec(s, c), held)
         color_attr.append(make_prompt("color_attr", pair))
