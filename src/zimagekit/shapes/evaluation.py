@@ -215,7 +215,7 @@ def _write_eval(out: Path, samples, report: Report, row: dict) -> None:
 
 
 def learning_curve(run_dir: Path, pipe, group: str, steps: int | None = None, guidance_scale: float | None = None,
-                   images_per_prompt: int = 1) -> list[dict]:
+                   images_per_prompt: int = 1, combos: str = "held_out") -> list[dict]:
     """:func:`measure` of every checkpoint kept in ``run_dir``, its EMA weights of ``group``
     loaded into ``pipe.transformer`` in turn and sampled through ``pipe`` (``None``: the
     pipe's default steps or guidance): one row per checkpoint, its step first."""
@@ -225,7 +225,7 @@ def learning_curve(run_dir: Path, pipe, group: str, steps: int | None = None, gu
     rows = []
     for ckpt in ckpts:
         load_trained(run_dir, group, pipe.transformer, checkpoint=ckpt)
-        _, row = measure(generate_eval_set(pipe, steps, guidance_scale, images_per_prompt))
+        _, row = measure(generate_eval_set(pipe, steps, guidance_scale, images_per_prompt, combos=combos))
         rows.append({"step": int(ckpt.name.removeprefix("step_")), **row})
     return rows
 

@@ -245,7 +245,7 @@ def training_flops_per_sample(cfg: TeacherConfig, encoded: dict[str, torch.Tenso
 
 
 def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidance_scale: float,
-                    images_per_prompt: int, out: Path) -> list[dict]:
+                    images_per_prompt: int, out: Path, combos: str = "held_out") -> list[dict]:
     """Single- vs dual-stream (issue 6): every kept checkpoint of each run judged through
     ``model_folder``'s encoders and schedule, each row with its training compute (steps x
     batch x FLOPs per sample); writes curves.csv/png (per step), accuracy_vs_flops.png and
@@ -254,6 +254,7 @@ def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidan
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     from ..pipeline import ZImagePipeline
 
@@ -265,18 +266,20 @@ def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidan
         flops = training_flops_per_sample(cfg, encode_scenes(cfg.data, vae, text))
         pipe.transformer = build_transformer(cfg).eval()
         name = f"{cfg.teacher.architecture} ({run_dir.name})"
-        rows = learning_curve(run_dir, pipe, "transformer", steps, guidance_scale, images_per_prompt)
+        rows = learning_curve(run_dir, pipe, "transformer", steps, guidance_scale, images_per_prompt, combos)
         for r in rows:
             r["training_flops"] = r["step"] * cfg.train.batch_size * cfg.train.grad_accum_steps * flops
         curves[name] = rows
         facts[name] = {"parameters": sum(p.numel() for p in pipe.transformer.parameters()), "flops": flops}
-    _, data = measure(data_eval_set(images_per_prompt))
-    write_curves(curves, out, f"single vs dual stream: {steps} steps, w = {guidance_scale:g}", reference=data)
+    _, data = measure(data_eval_set(images_per_prompt, combos))
+    write_curves(curves, out, f"single vs dual stream: {steps} steps, w = {guidance_scale:g}, {combos} prompts",
+                 reference=data)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in curves.items():
         ax.plot([r["training_flops"] for r in rows], [r["overall"] for r in rows], "-o", ms=3, label=name)
     ax.set(xscale="log", xlabel="training FLOPs (PyTorch's counter)", ylabel="judge accuracy (overall)", ylim=(0, 1))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -307,9 +310,6 @@ def main(argv=None) -> int:
     v.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w in pos + w(pos - neg) (default 3)")
     v.add_argument("--images-per-prompt", type=int, default=4, help="images per eval prompt, fixed seeds (default 4)")
     v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt, metrics.json and grid.png")
-    v.add_argument("--prompts", choices=world.PROMPT_SETS, default="held_out",
-                   help="held_out: the eval prompts, which name held-out colour-shape pairs (default); seen: "
-                   "their twin naming only training pairs, to tell unlearnt from ungeneralised")
     c = sub.add_parser("curve", help="judge and measure every checkpoint of a run: curves.csv and curves.png")
     c.add_argument("run_dir", type=Path, help="the training run directory")
     c.add_argument("model", type=Path, help="a Z-Image model folder with the run's encoders and scheduler (e.g. "
@@ -328,6 +328,10 @@ def main(argv=None) -> int:
     d.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w (default 3)")
     d.add_argument("--images-per-prompt", type=int, default=1, help="images per eval prompt (default 1)")
     d.add_argument("--out", type=Path, required=True, help="folder for curves, accuracy_vs_flops.png and streams.md")
+    for p in (v, c, d):
+        p.add_argument("--prompts", choices=world.PROMPT_SETS, default="held_out",
+                       help="held_out: the eval prompts, which name held-out colour-shape pairs (default); seen: "
+                       "their twin naming only training pairs, to tell unlearnt from ungeneralised")
     args = parser.parse_args(argv)
 
     def run():
@@ -337,7 +341,8 @@ def main(argv=None) -> int:
             export(args.run_dir, args.out, use_ema=not args.no_ema)
             print(f"wrote {args.out}")
         elif args.command == "streams":
-            compare_streams(args.runs, args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out)
+            compare_streams(args.runs, args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out,
+                            args.prompts)
             print((args.out / "streams.md").read_text(), end="")
         elif args.command == "evaluate":
             report, row = evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out,
@@ -350,10 +355,11 @@ def main(argv=None) -> int:
             run_cfg = load_config(TeacherConfig, args.run_dir / "config.yaml")
             if run_cfg.teacher.architecture != "single_stream":
                 pipe.transformer = build_transformer(run_cfg).eval()
-            rows = learning_curve(args.run_dir, pipe, args.group, args.steps, args.cfg_scale, args.images_per_prompt)
-            _, data = measure(data_eval_set(args.images_per_prompt))
-            write_curves({args.run_dir.name: rows}, args.out,
-                         f"{args.run_dir.name}: {args.steps} steps, w = {args.cfg_scale:g}", reference=data)
+            rows = learning_curve(args.run_dir, pipe, args.group, args.steps, args.cfg_scale, args.images_per_prompt,
+                                  args.prompts)
+            _, data = measure(data_eval_set(args.images_per_prompt, args.prompts))
+            write_curves({args.run_dir.name: rows}, args.out, f"{args.run_dir.name}: {args.steps} steps, "
+                         f"w = {args.cfg_scale:g}, {args.prompts} prompts", reference=data)
             for r in rows:
                 print(f"step {r['step']:>7}: overall {100 * r['overall']:.1f}%  {format_metrics(r)}")
 
