@@ -190,8 +190,9 @@ def format_metrics(row: dict) -> str:
 def evaluate(model_folder: Path, steps: int | None, guidance_scale: float | None, images_per_prompt: int = 4,
              out: Path | None = None, combos: str = "held_out") -> tuple[Report, dict]:
     """:func:`measure` of ``model_folder``'s eval set (``None``: the folder's default steps or
-    guidance; ``combos``: the held-out prompts or their seen-combination twin). With ``out``, also writes results.jsonl (per image), summary.txt, metrics.json
-    (the row) and grid.png (image 0 of every entry, one category per row)."""
+    guidance; ``combos``: the held-out prompts or their seen-combination twin). With ``out``,
+    also writes results.jsonl (per image), summary.txt, metrics.json (the row) and grid.png
+    (image 0 of every entry, one category per row)."""
     from ..pipeline import ZImagePipeline
 
     samples = generate_eval_set(ZImagePipeline.from_pretrained(model_folder), steps, guidance_scale,

@@ -244,6 +244,16 @@ def training_flops_per_sample(cfg: TeacherConfig, encoded: dict[str, torch.Tenso
     return counter.get_total_flops() / batch
 
 
+def run_curve(run_dir: Path, pipe, group: str, steps: int, guidance_scale: float, images_per_prompt: int,
+              combos: str = "held_out") -> tuple["TeacherConfig", list[dict]]:
+    """The run's config and :func:`learning_curve` of its checkpoints, sampled through ``pipe``'s
+    encoders and schedule with a transformer built from the run's own config (single- or
+    dual-stream, whatever the folder's transformer is)."""
+    cfg = load_config(TeacherConfig, run_dir / "config.yaml")
+    pipe.transformer = build_transformer(cfg).eval()
+    return cfg, learning_curve(run_dir, pipe, group, steps, guidance_scale, images_per_prompt, combos)
+
+
 def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidance_scale: float,
                     images_per_prompt: int, out: Path, combos: str = "held_out") -> list[dict]:
     """Single- vs dual-stream (issue 6): every kept checkpoint of each run judged through
@@ -261,12 +271,10 @@ def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidan
     pipe = ZImagePipeline.from_pretrained(model_folder)
     curves, facts = {}, {}
     for run_dir in run_dirs:
-        cfg = load_config(TeacherConfig, run_dir / "config.yaml")
+        cfg, rows = run_curve(run_dir, pipe, "transformer", steps, guidance_scale, images_per_prompt, combos)
         vae, text = load_encoders(cfg.data)
         flops = training_flops_per_sample(cfg, encode_scenes(cfg.data, vae, text))
-        pipe.transformer = build_transformer(cfg).eval()
         name = f"{cfg.teacher.architecture} ({run_dir.name})"
-        rows = learning_curve(run_dir, pipe, "transformer", steps, guidance_scale, images_per_prompt, combos)
         for r in rows:
             r["training_flops"] = r["step"] * cfg.train.batch_size * cfg.train.grad_accum_steps * flops
         curves[name] = rows
@@ -352,11 +360,8 @@ def main(argv=None) -> int:
             from ..pipeline import ZImagePipeline
 
             pipe = ZImagePipeline.from_pretrained(args.model)
-            run_cfg = load_config(TeacherConfig, args.run_dir / "config.yaml")
-            if run_cfg.teacher.architecture != "single_stream":
-                pipe.transformer = build_transformer(run_cfg).eval()
-            rows = learning_curve(args.run_dir, pipe, args.group, args.steps, args.cfg_scale, args.images_per_prompt,
-                                  args.prompts)
+            _, rows = run_curve(args.run_dir, pipe, args.group, args.steps, args.cfg_scale, args.images_per_prompt,
+                                args.prompts)
             _, data = measure(data_eval_set(args.images_per_prompt, args.prompts))
             write_curves({args.run_dir.name: rows}, args.out, f"{args.run_dir.name}: {args.steps} steps, "
                          f"w = {args.cfg_scale:g}, {args.prompts} prompts", reference=data)
