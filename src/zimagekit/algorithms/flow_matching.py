@@ -85,8 +85,8 @@ class FlowMatching(Algorithm):
         drop = (torch.rand(world * len(captions)) < self.flow.caption_dropout)[mine]
         captions = [self.empty_caption if d else c for c, d in zip(captions, drop.tolist())]
 
-        def per_sample(values, like):
-            return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        def per_sample(values, like):  # noise levels are drawn on the CPU
+            return values.to(like).view(-1, *([1] * (like.ndim - 1)))
 
         if torch.is_tensor(x0):
             noise = torch.randn((world * len(x0), *x0.shape[1:]), dtype=x0.dtype, device=x0.device)[mine]

@@ -100,8 +100,8 @@ class TeacherConfig(FlowMatchingConfig):
 # ----------------------------------------------------------------------------------------
 
 
-def load_encoders(data: DataSection):
-    """The shapes VAE (diffusers AutoencoderKL) and text encoder, frozen, fp32, on the CPU."""
+def load_encoders(data: DataSection, device: torch.device | str = "cpu"):
+    """The shapes VAE (diffusers AutoencoderKL) and text encoder, frozen, fp32, on ``device``."""
     from diffusers import AutoencoderKL
 
     from ..text_encoder import Qwen3TextEncoder
@@ -109,8 +109,8 @@ def load_encoders(data: DataSection):
     for what, path in (("vae", data.vae), ("text_encoder", data.text_encoder), ("tokenizer", data.tokenizer)):
         if not Path(path).is_dir():
             raise ZImageKitError(f"data.{what}: no folder {path}; train it first (see README, 'Shapes world')")
-    vae = AutoencoderKL.from_pretrained(data.vae).float().eval().requires_grad_(False)
-    text = Qwen3TextEncoder.from_pretrained(data.text_encoder, data.tokenizer, dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(data.vae).float().to(device).eval().requires_grad_(False)
+    text = Qwen3TextEncoder.from_pretrained(data.text_encoder, data.tokenizer, dtype=torch.float32, device=device)
     return vae, text
 
 
@@ -129,7 +129,8 @@ def _fingerprint(data: DataSection) -> str:
 def encode_scenes(data: DataSection, vae, text, batch: int = 64) -> dict[str, torch.Tensor]:
     """Latents (N, C, h, w) and caption features of scenes ``seed .. seed + N - 1``, cached in
     ``data.cache_dir`` under a key of the encoders' bytes, so a retrained encoder never
-    reuses stale latents. Captions repeat a lot in this world: each distinct one is encoded once."""
+    reuses stale latents. Captions repeat a lot in this world: each distinct one is encoded once.
+    The encoders run where they are; the returned tensors are on the CPU."""
     path = Path(data.cache_dir) / f"shapes-{_fingerprint(data)}.safetensors"
     if path.exists():
         return load_file(str(path))
@@ -141,14 +142,14 @@ def encode_scenes(data: DataSection, vae, text, batch: int = 64) -> dict[str, to
     latents = []
     for i in range(0, len(scenes), batch):
         pixels = np.stack([world.render(s) for s in scenes[i : i + batch]])
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, torch.float32) / 127.5 - 1
         z = vae.encode(x).latent_dist.mean
-        latents.append((z - cfg.shift_factor) * cfg.scaling_factor)
+        latents.append(((z - cfg.shift_factor) * cfg.scaling_factor).cpu())
     out = {
         "latents": torch.cat(latents).contiguous(),
         "caption_index": torch.tensor([which[s.caption] for s in scenes]),
         "caption_lengths": torch.tensor([len(f) for f in feats]),
-        "caption_features": torch.cat([f.float() for f in feats]).contiguous(),
+        "caption_features": torch.cat([f.float().cpu() for f in feats]).contiguous(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda p: save_file(out, str(p)))
@@ -184,19 +185,23 @@ def make_sampler(vae, text, schedule, steps: int, guidance_scale: float):
 
 
 def train(cfg: TeacherConfig) -> Path:
+    """Train on CUDA when present (one process), else on the CPU."""
+    from ..pipeline import resolve_device
+
     seed_everything(cfg.run.seed)
-    vae, text = load_encoders(cfg.data)
+    device = resolve_device(None)
+    vae, text = load_encoders(cfg.data, device)
     if cfg.model.cap_feat_dim != text.model.config.hidden_size:
         raise ZImageKitError(f"model.cap_feat_dim={cfg.model.cap_feat_dim} but the text encoder's hidden size is "
                              f"{text.model.config.hidden_size}; set model.cap_feat_dim={text.model.config.hidden_size}")
     if cfg.model.in_channels != vae.config.latent_channels:
         raise ZImageKitError(f"model.in_channels={cfg.model.in_channels} but the VAE has {vae.config.latent_channels} "
                              f"latent channels; set model.in_channels={vae.config.latent_channels}")
-    encoded = encode_scenes(cfg.data, vae, text)
+    encoded = {k: v.to(device) for k, v in encode_scenes(cfg.data, vae, text).items()}
     latent_hw = encoded["latents"].shape[-2:]
     p = cfg.model.all_patch_size[0]
     tokens = (latent_hw[0] * latent_hw[1] // p**2, int(encoded["caption_lengths"].float().mean()))
-    model = build_transformer(cfg)
+    model = build_transformer(cfg).to(device)
     sampler = make_sampler(vae, text, cfg.flow.schedule, cfg.teacher.steps, cfg.teacher.guidance_scale)
     # forward_flops counts S3-DiT's layout; the dual-stream run logs no MFU.
     tokens = tokens if cfg.teacher.architecture == "single_stream" else None

@@ -1,0 +1,73 @@
+#!/bin/bash
+# The shapes recipe for one short GPU lease (one GPU, ~10 minutes), run from the repository
+# root:   OUT=DIR bash scripts/shapes_gpu_lease.sh
+#   1. a 60-step probe of configs/shapes/teacher_gpu.yaml (it also encodes the latent cache)
+#      measures samples/s; the teacher run gets the train.steps that end its cosine decay by
+#      TEACH_END seconds after the start;
+#   2. the teacher, warm-started from the shipped one, exported to runs/export/shapes-teacher;
+#   3. configs/shapes/distill_gpu.yaml (guidance W) until DIST_END, exported to
+#      runs/export/shapes-turbo;
+#   4. into OUT: both transformers' safetensors cut into 15 MB parts (join them with cat), the
+#      runs' configs and metrics in pack.tgz, and the whole log, gpu.log.
+# A machine without internet needs the packages its image lacks as wheels in .whl/ (for a
+# stock PyTorch image: diffusers and importlib_metadata); they are installed to /tmp/site.
+# EXTRA_T and EXTRA_D append overrides to the teacher and distill runs (a CPU rehearsal:
+# EXTRA_T="data.scenes=600 train.batch_size=8 train.precision=fp32 data.cache_dir=/tmp/c").
+set -u -o pipefail
+OUT=${OUT:-runs/lease-out}
+TEACH_END=${TEACH_END:-380}
+DIST_END=${DIST_END:-555}
+W=${W:-0.0}
+EXTRA_T=${EXTRA_T:-}
+EXTRA_D=${EXTRA_D:-}
+mkdir -p "$OUT"
+S=$(date +%s)
+el() { echo $(( $(date +%s) - S )); }
+L=$OUT/gpu.log
+log() { echo "[$(el)s] $*" | tee -a "$L"; }
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/src:/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and \
+torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)" 2>&1 | tee -a "$L"
+T=zimagekit.shapes.teacher
+D=zimagekit.algorithms.decoupled_dmd
+
+log "probe (encodes the latent cache first)"
+python3 -m $T train --config configs/shapes/teacher_gpu.yaml run.name=probe train.steps=60 train.log_every=20 \
+  train.ckpt_every=0 optim.warmup_steps=10 $EXTRA_T 2>&1 | tee -a "$L" || { log "probe failed"; exit 1; }
+RATE=$(grep -o '[0-9.]* samples/s' "$L" | tail -1 | cut -d' ' -f1)
+BATCH=$(grep -o 'batch_size: [0-9]*' runs/probe/config.yaml | cut -d' ' -f2)
+LEFT=$(( TEACH_END - $(el) - 25 ))  # 25 s: start-up and checkpoints
+N=$(python3 -c "print(max(100, int($RATE / $BATCH * $LEFT * 0.9)))")
+log "rate $RATE samples/s at batch $BATCH, $LEFT s left: train.steps=$N"
+rm -rf runs/probe
+
+log "teacher: $N steps"
+timeout -s INT $(( TEACH_END - $(el) + 15 )) python3 -m $T train --config configs/shapes/teacher_gpu.yaml \
+  train.steps="$N" $EXTRA_T 2>&1 | tee -a "$L"
+log "teacher exit $?; export"
+python3 -m $T export runs/shapes-teacher-gpu runs/export/shapes-teacher 2>&1 | tail -1 | tee -a "$L"
+W8=runs/export/shapes-teacher/transformer/diffusion_pytorch_model.safetensors
+sha256sum $W8 | tee -a "$L"
+split -b 15M $W8 "$OUT/teacher.part-"
+mkdir -p runs/pack
+cp runs/shapes-teacher-gpu/metrics.csv runs/pack/teacher_metrics.csv
+cp runs/shapes-teacher-gpu/config.yaml runs/pack/teacher_config.yaml
+
+log "distill, w = $W"
+timeout -s INT $(( DIST_END - $(el) )) python3 -m $D train --config configs/shapes/distill_gpu.yaml \
+  distill.guidance_scale="$W" $EXTRA_D 2>&1 | tee -a "$L"
+log "distill exit $? (124: stopped by its time limit); export"
+python3 -m $D export runs/shapes-distill-gpu runs/export/shapes-turbo 2>&1 | tail -1 | tee -a "$L"
+S8=runs/export/shapes-turbo/transformer/diffusion_pytorch_model.safetensors
+sha256sum $S8 | tee -a "$L"
+split -b 15M $S8 "$OUT/student.part-"
+cp runs/shapes-distill-gpu/metrics.csv runs/pack/distill_metrics.csv
+cp runs/shapes-distill-gpu/config.yaml runs/pack/distill_config.yaml
+cp -r runs/export/shapes-turbo/model_index.json runs/export/shapes-turbo/scheduler runs/pack/
+cp runs/export/shapes-turbo/transformer/config.json runs/pack/student_transformer_config.json
+tar czf "$OUT/pack.tgz" -C runs pack
+log "done"
