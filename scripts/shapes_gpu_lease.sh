@@ -35,6 +35,18 @@ torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transform
 T=zimagekit.shapes.teacher
 D=zimagekit.algorithms.decoupled_dmd
 
+# pack MODULE RUN EXPORT NAME: export RUN's EMA model to EXPORT, its transformer into $OUT
+# as NAME.part-*, and RUN's config and metrics into runs/pack as NAME_*.
+pack() {
+  python3 -m "$1" export "runs/$2" "runs/export/$3" 2>&1 | tail -1 | tee -a "$L"
+  local weights=runs/export/$3/transformer/diffusion_pytorch_model.safetensors
+  sha256sum "$weights" | tee -a "$L"
+  split -b 15M "$weights" "$OUT/$4.part-"
+  mkdir -p runs/pack
+  cp "runs/$2/metrics.csv" "runs/pack/$4_metrics.csv"
+  cp "runs/$2/config.yaml" "runs/pack/$4_config.yaml"
+}
+
 log "probe (encodes the latent cache first)"
 python3 -m $T train --config configs/shapes/teacher_gpu.yaml run.name=probe train.steps=60 train.log_every=20 \
   train.ckpt_every=0 optim.warmup_steps=10 $EXTRA_T 2>&1 | tee -a "$L" || { log "probe failed"; exit 1; }
@@ -49,24 +61,13 @@ log "teacher: $N steps"
 timeout -s INT $(( TEACH_END - $(el) + 15 )) python3 -m $T train --config configs/shapes/teacher_gpu.yaml \
   train.steps="$N" $EXTRA_T 2>&1 | tee -a "$L"
 log "teacher exit $?; export"
-python3 -m $T export runs/shapes-teacher-gpu runs/export/shapes-teacher 2>&1 | tail -1 | tee -a "$L"
-W8=runs/export/shapes-teacher/transformer/diffusion_pytorch_model.safetensors
-sha256sum $W8 | tee -a "$L"
-split -b 15M $W8 "$OUT/teacher.part-"
-mkdir -p runs/pack
-cp runs/shapes-teacher-gpu/metrics.csv runs/pack/teacher_metrics.csv
-cp runs/shapes-teacher-gpu/config.yaml runs/pack/teacher_config.yaml
+pack $T shapes-teacher-gpu shapes-teacher teacher
 
 log "distill, w = $W"
 timeout -s INT $(( DIST_END - $(el) )) python3 -m $D train --config configs/shapes/distill_gpu.yaml \
   distill.guidance_scale="$W" $EXTRA_D 2>&1 | tee -a "$L"
 log "distill exit $? (124: stopped by its time limit); export"
-python3 -m $D export runs/shapes-distill-gpu runs/export/shapes-turbo 2>&1 | tail -1 | tee -a "$L"
-S8=runs/export/shapes-turbo/transformer/diffusion_pytorch_model.safetensors
-sha256sum $S8 | tee -a "$L"
-split -b 15M $S8 "$OUT/student.part-"
-cp runs/shapes-distill-gpu/metrics.csv runs/pack/distill_metrics.csv
-cp runs/shapes-distill-gpu/config.yaml runs/pack/distill_config.yaml
+pack $D shapes-distill-gpu shapes-turbo student
 cp -r runs/export/shapes-turbo/model_index.json runs/export/shapes-turbo/scheduler runs/pack/
 cp runs/export/shapes-turbo/transformer/config.json runs/pack/student_transformer_config.json
 tar czf "$OUT/pack.tgz" -C runs pack
