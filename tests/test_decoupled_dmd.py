@@ -465,8 +465,11 @@ def test_export_writes_the_ema_student_as_a_few_step_folder(distill_run, tmp_pat
     assert pipe.schedule == dataclasses.replace(ZImagePipeline.from_pretrained(tiny_model_dir).schedule,
                                                stochastic_sampling=True)
     ema = load_file(str(distill_run / "checkpoints" / "step_0000004" / "student_ema.safetensors"))
+    stored = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # bf16 storage, as the teacher's
     params = dict(pipe.transformer.named_parameters())
-    assert set(params) == set(ema) and all(torch.equal(params[k], ema[k]) for k in ema)
+    assert set(params) == set(ema)
+    assert all(torch.equal(params[k], ema[k].to(torch.bfloat16).float()) for k in ema)
     images = pipe("a red circle", seed=0, progress=False)
     assert images[0].size == (32, 32)
 
