@@ -227,6 +227,20 @@ def test_save_pretrained_writes_a_folder_diffusers_loads(zimage_pipe, reference_
     assert json.loads((tmp_path / "saved" / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
 
 
+def test_save_pretrained_stores_transformer_and_vae_in_the_dtype_asked(zimage_pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    zimage_pipe.save_pretrained(tmp_path / "saved", torch.bfloat16)
+    assert zimage_pipe.transformer.dtype == zimage_pipe.vae.dtype == torch.float32  # the pipeline is untouched
+    for name, module in [("transformer", zimage_pipe.transformer), ("vae", zimage_pipe.vae)]:
+        (weights,) = (tmp_path / "saved" / name).glob("*.safetensors")
+        stored, params = load_file(weights), module.state_dict()
+        assert stored.keys() == params.keys() and {t.dtype for t in stored.values()} == {torch.bfloat16}
+        assert all(torch.equal(stored[k], params[k].to(torch.bfloat16)) for k in stored)  # round to nearest
+    reloaded = ZImagePipeline.from_pretrained(tmp_path / "saved", dtype="fp32", device="cpu")
+    assert reloaded.transformer.dtype == reloaded.vae.dtype == torch.float32
+
+
 def test_bf16_pipeline_stays_close_to_fp32(tiny_model_dir, reference_pipe):
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, dtype="bf16", device="cpu")
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32  # force_upcast

@@ -19,6 +19,7 @@ Folder layout (Tongyi-MAI/Z-Image-Turbo): ``model_index.json``, ``transformer/``
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -341,12 +342,22 @@ class ZImagePipeline:
             text_encoder = Qwen3TextEncoder(None, None, model.component("text_encoder"), model.component("tokenizer"))
         return cls(transformer, vae, text_encoder, schedule, device, offload, raw_schedule, model.defaults)
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write the Hugging Face layout (loadable by this class and by diffusers)."""
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the Hugging Face layout (loadable by this class and by diffusers).
+
+        ``dtype`` stores the transformer and the VAE in it (bf16 halves a folder; loading casts
+        to the dtype asked for, the VAE to fp32) without changing this pipeline's modules. The
+        text encoder is written as it is."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(folder / "transformer")
-        self.vae.save_pretrained(folder / "vae")
+        transformer, vae = self.transformer, self.vae
+        if dtype is not None:
+            transformer = copy.deepcopy(transformer).to(dtype)
+            # nn.Module.to, not diffusers' ModelMixin.to, which warns against any cast of a
+            # loaded model; a stored copy is what it recommends instead.
+            vae = torch.nn.Module.to(copy.deepcopy(vae), dtype)
+        transformer.save_pretrained(folder / "transformer")
+        vae.save_pretrained(folder / "vae")
         self.text_encoder.save_pretrained(folder / "text_encoder", folder / "tokenizer")
         scheduler = {
             "_class_name": "FlowMatchEulerDiscreteScheduler",

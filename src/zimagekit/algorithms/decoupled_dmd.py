@@ -441,11 +441,8 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     """Write :func:`student_pipeline` as a Z-Image folder, the transformer and VAE stored in bf16
     as the teacher's (:func:`zimagekit.shapes.teacher.export`): the shipped models' 60 MB budget
     holds two bf16 transformers, not an fp32 one beside the teacher."""
-    pipe = student_pipeline(run_dir, use_ema)
-    pipe.transformer.to(torch.bfloat16)
-    pipe.vae.to(torch.bfloat16)
     with atomic_folder(out) as tmp:
-        pipe.save_pretrained(tmp)
+        student_pipeline(run_dir, use_ema).save_pretrained(tmp, torch.bfloat16)
 
 
 def main(argv=None) -> int:
