@@ -53,6 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    for flag in ("teacher_steps", "student_steps", "repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
 
     from zimagekit.errors import ZImageKitError
     from zimagekit.pipeline import ModelFolder
@@ -70,7 +74,8 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         t_teacher, t_student = alternate(lambda: run(teacher_cmd), lambda: run(student_cmd), args.repeats)
         total = time.perf_counter() - started
-    steps, w = args.student_steps or student["num_inference_steps"], student["guidance_scale"]
+    steps = student["num_inference_steps"] if args.student_steps is None else args.student_steps
+    w = student["guidance_scale"]
     source = "folder defaults" if args.student_steps is None else "--student-steps, folder's guidance"
     rows = [("teacher", args.teacher, f"{args.teacher_steps} steps, w = {args.cfg_scale:g}",
              args.teacher_steps * (2 if args.cfg_scale > 0 else 1), t_teacher),
