@@ -346,8 +346,9 @@ class ZImagePipeline:
         """Write the Hugging Face layout (loadable by this class and by diffusers).
 
         ``dtype`` stores the transformer and the VAE in it (bf16 halves a folder; loading casts
-        to the dtype asked for, the VAE to fp32) without changing this pipeline's modules. The
-        text encoder is written as it is."""
+        to the dtype asked for, the VAE to fp32) without changing this pipeline's modules: they
+        are cast as copies, which for a moment costs the memory of one more of each. The text
+        encoder is written as it is."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         transformer, vae = self.transformer, self.vae
