@@ -260,12 +260,13 @@ def write_curves(curves: dict[str, list[dict]], out: Path, title: str, reference
             (run_rows,) = curves.values()
             for cat in world.CATEGORIES:
                 ax.plot([r["step"] for r in run_rows], [r.get(cat) for r in run_rows], lw=1, alpha=0.5, label=cat)
+        heading = label
         if reference is not None and reference.get(key) is not None:
             if key == "overall":  # the data's ~100 % as a line would flatten runs a few points apart
-                label = f"{label} (data: {100 * reference[key]:.0f} %)"
+                heading = f"{label} (data: {100 * reference[key]:.0f} %)"
             else:
                 ax.axhline(reference[key], color="k", ls="--", lw=1, label="data")
-        ax.set(xlabel="training step", title=label)
+        ax.set(xlabel="training step", title=heading)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(bottom=0)
     axes[0].legend(fontsize=7, loc="lower right")
