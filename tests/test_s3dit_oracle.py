@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from s3dit_oracle import CONFIGS, max_rel_err, mixed_batch, oracle_and_ours
+from zimagekit.s3dit import RowAlignedLinear
 
 FP32_TOL = 1e-5  # max |ours - oracle| <= 1e-5 * max |oracle|
 
@@ -51,6 +52,26 @@ def test_single_sample_and_batched_tensor_entry_point():
     assert got.shape == lat.shape
     assert max_rel_err(list(got), expected) <= FP32_TOL
     assert max_rel_err(one, expected[:1]) <= FP32_TOL
+
+
+def test_swiglu_projection_with_aligned_rows_computes_the_plain_product():
+    """The fused w1/w3 width at dim 64 is 2 * 170 = 340, not a multiple of 16 floats, so
+    without autograd its rows are padded to 352 in memory; the values must still be x W^T
+    (checked in float64), and with autograd the layer must still give the right gradient."""
+    torch.manual_seed(6)
+    layer = RowAlignedLinear(64, 340)
+    x = torch.randn(3, 5, 64)
+    exact = (x.double() @ layer.weight.double().T)
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (3, 5, 340) and got.stride()[-2:] == (352, 1)
+    assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    xg = x.clone().requires_grad_()
+    out = layer(xg)
+    out.square().sum().backward()
+    assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    expected_grad = 2 * exact @ layer.weight.double()
+    assert (xg.grad.double() - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
 
 
 def test_input_and_parameter_gradients_match_oracle():
