@@ -1,6 +1,6 @@
 """S3DiT vs diffusers' ZImageTransformer2DModel: forward time on identical weights and inputs.
 
-    python benchmarks/bench_transformer.py [--threads 2] [--repeats 7]
+    python benchmarks/bench_transformer.py [--threads 2] [--repeats 7] [--dtypes float32 bfloat16]
 
 Cases (issue 2):
   (a) the `tiny` preset, a CFG-style batch of 2: one 32x32 latent twice, captions of 77
@@ -9,17 +9,24 @@ Cases (issue 2):
 Prints ms for ours and the oracle, the speed-up ratio, achieved GFLOP/s (model FLOPs from
 zimagekit.s3dit.forward_flops over measured time) and its fraction of a square-GEMM peak measured by
 this script in the same dtype. Ours and the oracle are timed alternately, median of runs.
+
+The last three columns are the kernel floor (see `kernel_floor`): the same forward's GEMMs
+and attention kernels alone, timed in the same run, and the speed-up and fraction of peak an
+implementation would reach if everything else were free. A goal above the floor's numbers
+cannot be met on this machine with these kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
+import torch.nn.functional as F
 from diffusers import ZImageTransformer2DModel
 
 from timing import alternate, timed
-from zimagekit.s3dit import S3DiT, S3DiTConfig, forward_flops
+from zimagekit.s3dit import S3DiT, S3DiTConfig, _round_up, forward_flops
 
 
 def gemm_peak(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 10) -> float:
@@ -32,6 +39,52 @@ def gemm_peak(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 10) -
         a @ b
         best = max(best, 2 * n**3 / min(timed(lambda: a @ b, repeats)) / 1e9)
     return best
+
+
+def kernel_floor(cfg, img_tokens, cap_tokens, dtype, repeats, shared_image=False) -> float:
+    """Seconds for the forward's GEMMs and attention alone, and nothing else: every Linear of
+    every block as one GEMM over the whole batch (no batch padding, output rows aligned) and
+    CPU flash attention per sample on its padded stream, run back to back on random tensors
+    of the model's shapes. With ``shared_image`` (a CFG pair: one latent, one t) the noise
+    refiner runs for one sample only, as an implementation that noticed could do.
+
+    Norms, RoPE, modulation, SwiGLU's product, the small adaLN GEMMs and Python cost
+    nothing here, so no implementation on these kernels can be faster: ``reference / floor``
+    bounds the speed-up any of them can reach, ``flops / floor`` its fraction of GEMM peak
+    (``flops`` counting both refiner passes, as the reported GFLOP/s of ours do)."""
+    d, f, heads, hd = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
+    patch_dim = cfg.all_patch_size[0] ** 2 * cfg.all_f_patch_size[0] * cfg.in_channels
+    img = [_round_up(n) for n in img_tokens]
+    cap = [_round_up(n) for n in cap_tokens]
+    ops = []
+
+    def gemm(m, k, n, count=1):
+        a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        per_line = 64 // a.element_size()
+        out = torch.empty(m, n + (-n) % per_line, dtype=dtype)[:, :n]
+        ops.extend([lambda: torch.mm(a, w.t(), out=out)] * count)
+
+    def blocks(lengths, count):
+        m = sum(lengths)
+        for _ in range(count):
+            gemm(m, d, 3 * d), gemm(m, d, d), gemm(m, d, 2 * f), gemm(m, f, d)
+            for n in lengths:
+                q, k, v = (torch.randn(1, heads, n, hd, dtype=dtype) for _ in range(3))
+                ops.append(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+
+    gemm(sum(img_tokens), patch_dim, d)
+    gemm(sum(cap_tokens), cfg.cap_feat_dim, d)
+    blocks(img[:1] if shared_image else img, cfg.n_refiner_layers)
+    blocks(cap, cfg.n_refiner_layers)
+    blocks([a + b for a, b in zip(img, cap)], cfg.n_layers)
+    gemm(sum(img_tokens), d, patch_dim)
+
+    def run():
+        for op in ops:
+            op()
+
+    run()
+    return statistics.median(timed(run, repeats))
 
 
 def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
@@ -56,15 +109,20 @@ def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(run_ref(), run_ours()))
         scale = max(a.float().abs().max().item() for a in run_ref())
         t_ours, t_ref = alternate(run_ours, run_ref, repeats)
-    flops = forward_flops(cfg, [(h // 2) * (w // 2)] * len(x), cap_lens)
+    img_tokens = [(h // 2) * (w // 2)] * len(x)
+    flops = forward_flops(cfg, img_tokens, cap_lens)
+    floor = kernel_floor(cfg, img_tokens, cap_lens, dtype, repeats, shared_image=len(x) == 2)
     return dict(case=name, dtype=str(dtype).removeprefix("torch."), ours=t_ours * 1e3, ref=t_ref * 1e3,
-                ratio=t_ref / t_ours, gflops=flops / t_ours / 1e9, rel_err=diff / scale)
+                ratio=t_ref / t_ours, gflops=flops / t_ours / 1e9, rel_err=diff / scale,
+                floor=floor * 1e3, floor_ratio=t_ref / floor, floor_gflops=flops / floor / 1e9)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2, this CPU's core count)")
     ap.add_argument("--repeats", type=int, default=7, help="timed forwards per model and case (median reported)")
+    ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
+                    help="which dtypes to run (default both; bf16 is very slow on CPUs without AVX-512)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -76,20 +134,25 @@ def main():
         ("(b) d512 L8 H8, 64x64, caps 64", mid, (64, 64), [64], torch.float32),
         ("(b) d512 L8 H8, 64x64, caps 64", mid, (64, 64), [64], torch.bfloat16),
     ]
-    peaks = {dt: gemm_peak(dt) for dt in (torch.float32, torch.bfloat16)}
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    cases = [case for case in cases if case[-1] in dtypes]
+    peaks = {dt: gemm_peak(dt) for dt in dtypes}
     rows = []
     for name, cfg, hw, caps, dt in cases:
         r = bench_case(name, cfg, hw, caps, dt, args.repeats)
         r["peak_frac"] = r["gflops"] / peaks[dt]
+        r["floor_frac"] = r["floor_gflops"] / peaks[dt]
         rows.append(r)
 
-    print(f"threads={args.threads}  GEMM peak (best square GEMM): fp32 {peaks[torch.float32]:.0f} GFLOP/s, "
-          f"bf16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
-    print("| case | dtype | ms ours | ms diffusers | speed-up | GFLOP/s ours | of GEMM peak | max rel. diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"threads={args.threads}  GEMM peak (best square GEMM): "
+          + ", ".join(f"{str(dt).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dt, peak in peaks.items()))
+    print("| case | dtype | ms ours | ms diffusers | speed-up | GFLOP/s ours | of GEMM peak | max rel. diff "
+          "| ms kernel floor | speed-up at floor | of peak at floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['dtype']} | {r['ours']:.1f} | {r['ref']:.1f} | {r['ratio']:.2f}x | "
-              f"{r['gflops']:.0f} | {r['peak_frac']:.0%} | {r['rel_err']:.1e} |")
+              f"{r['gflops']:.0f} | {r['peak_frac']:.0%} | {r['rel_err']:.1e} | "
+              f"{r['floor']:.1f} | {r['floor_ratio']:.2f}x | {r['floor_frac']:.0%} |")
 
 
 if __name__ == "__main__":
