@@ -57,11 +57,12 @@ def test_single_sample_and_batched_tensor_entry_point():
 def test_swiglu_projection_with_aligned_rows_computes_the_plain_product():
     """The fused w1/w3 width at dim 64 is 2 * 170 = 340, not a multiple of 16 floats, so
     without autograd its rows are padded to 352 in memory; the values must still be x W^T
-    (checked in float64), and with autograd the layer must still give the right gradient."""
+    (checked in float64); with autograd it must still give the right gradient, and under
+    autocast it must compute in bf16 like any Linear."""
     torch.manual_seed(6)
     layer = RowAlignedLinear(64, 340)
     x = torch.randn(3, 5, 64)
-    exact = (x.double() @ layer.weight.double().T)
+    exact = x.double() @ layer.weight.double().T
     with torch.no_grad():
         got = layer(x)
     assert got.shape == (3, 5, 340) and got.stride()[-2:] == (352, 1)
@@ -72,6 +73,8 @@ def test_swiglu_projection_with_aligned_rows_computes_the_plain_product():
     assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
     expected_grad = 2 * exact @ layer.weight.double()
     assert (xg.grad.double() - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
 
 
 def test_input_and_parameter_gradients_match_oracle():

@@ -218,6 +218,32 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
+class RowAlignedLinear(nn.Linear):
+    """A bias-free Linear whose output rows start on 64-byte boundaries.
+
+    The fused SwiGLU width 2 * int(8 dim / 3) is often not a multiple of 16 (2730 at dim
+    512); MKL then stores every output row misaligned, and that GEMM measured ~30 % slower.
+    So on CPU, without autograd (``out=`` has none) or autocast, the result goes into a
+    buffer whose rows are padded to a cache line, and a view of its first ``out_features``
+    columns is returned: the same values, only the row stride differs. Otherwise, or at an
+    aligned width, it is a plain Linear. Being a Linear keeps forward hooks (LoRA) and state
+    dicts working.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.out_features
+        per_line = 64 // x.element_size()
+        if (n % per_line == 0 or x.ndim < 2 or x.device.type != "cpu" or torch.is_grad_enabled()
+                or torch.is_autocast_enabled("cpu")):
+            return F.linear(x, self.weight)
+        out = x.new_empty(*x.shape[:-1], n + (-n) % per_line)[..., :n]
+        torch.mm(x.flatten(0, -2), self.weight.t(), out=out.flatten(0, -2))
+        return out
+
+
 class FeedForward(nn.Module):
     """SwiGLU ``w2(silu(w1 h) * w3 h)`` with w1 and w3 fused into one projection."""
 
@@ -229,30 +255,6 @@ class FeedForward(nn.Module):
     def forward(self, x):
         h1, h3 = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(h1) * h3)
-
-
-class RowAlignedLinear(nn.Linear):
-    """A bias-free Linear whose output rows start on 64-byte boundaries.
-
-    The fused SwiGLU width 2 * int(8 dim / 3) is often not a multiple of 16 (2730 at dim
-    512); MKL then stores every output row misaligned, and that GEMM measured ~30 % slower
-    on CPU. Without autograd the result goes into a buffer whose rows are padded to a cache
-    line, and a view of its first ``out_features`` columns is returned: the same values, only
-    the row stride differs. With autograd (``out=`` has none) or an aligned width it is a
-    plain Linear. Being a Linear module keeps forward hooks (LoRA) and state dicts working.
-    """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.out_features
-        per_line = 64 // x.element_size()
-        if torch.is_grad_enabled() or n % per_line == 0:
-            return F.linear(x, self.weight)
-        out = x.new_empty(*x.shape[:-1], n + (-n) % per_line)[..., :n]
-        torch.mm(x.flatten(0, -2), self.weight.t(), out=out.flatten(0, -2))
-        return out
 
 
 class TransformerBlock(nn.Module):
