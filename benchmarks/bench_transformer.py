@@ -7,8 +7,10 @@ Cases (issue 2):
       and 12 tokens (a prompt and the empty negative prompt after the chat template);
   (b) dim 512, 8 layers, 8 heads: one 64x64 latent with 64 caption tokens, fp32 and bf16.
 Prints ms for ours and the oracle, the speed-up ratio, achieved GFLOP/s (model FLOPs from
-zimagekit.s3dit.forward_flops over measured time) and its fraction of a square-GEMM peak measured by
-this script in the same dtype. Ours and the oracle are timed alternately, median of runs.
+zimagekit.s3dit.forward_flops over measured time) and its fraction of the square-GEMM peak in the
+same dtype. Each round times a square GEMM, ours, the oracle and the kernel floor one after
+another; every ratio and fraction is taken within a round and the median over rounds printed,
+so drift in the machine's speed (large on a shared VM) cancels.
 
 The last three columns are the kernel floor (see `kernel_floor`): the same forward's GEMMs
 and attention kernels alone, timed in the same run, and the speed-up and fraction of peak an
@@ -19,30 +21,43 @@ cannot be met on this machine with these kernels.
 from __future__ import annotations
 
 import argparse
-import statistics
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ZImageTransformer2DModel
 
-from timing import alternate, timed
+from timing import interleaved, timed
 from zimagekit.s3dit import S3DiT, S3DiTConfig, _round_up, forward_flops
 
 
-def gemm_peak(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 10) -> float:
-    """Best square-GEMM throughput over a few sizes and runs: a peak is what the machine can
-    do at its best, so the fastest run counts (a median would fold in interference from
-    other processes), and several sizes guard against one size hitting a poor BLAS path."""
-    best = 0.0
+def gemm_probe(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 5):
+    """The machine's square-GEMM peak, measured next to each timed forward.
+
+    A short sweep picks the fastest size (several sizes guard against one hitting a poor
+    BLAS path). Returns ``probe`` and ``rates``: each call of ``probe`` appends the best of
+    three GEMMs at that size, in FLOP/s, to ``rates``. Called in every round, it gives the
+    peak of that moment, so a slow spell of the machine (this KVM guest's square GEMM moved
+    between 117 and 148 GFLOP/s within minutes) lowers peak and forward alike.
+    """
+    best_rate, best = 0.0, None
     for n in sizes:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
-        best = max(best, 2 * n**3 / min(timed(lambda: a @ b, repeats)) / 1e9)
-    return best
+        rate = 2 * n**3 / min(timed(lambda: a @ b, repeats))
+        if rate > best_rate:
+            best_rate, best = rate, (a, b, n)
+    a, b, n = best
+    rates = []
+
+    def probe():
+        rates.append(2 * n**3 / min(timed(lambda: a @ b, 3)))
+
+    return probe, rates
 
 
-def kernel_floor(cfg, img_tokens, cap_tokens, dtype, repeats, shared_image=False) -> float:
-    """Seconds for the forward's GEMMs and attention alone, and nothing else: every Linear of
+def kernel_floor(cfg, img_tokens, cap_tokens, dtype, shared_image=False):
+    """A callable that runs the forward's GEMMs and attention alone, and nothing else: every Linear of
     every block as one GEMM over the whole batch (no batch padding, output rows aligned) and
     CPU flash attention per sample on its padded stream, run back to back on random tensors
     of the model's shapes. With ``shared_image`` (a CFG pair: one latent, one t) the noise
@@ -58,11 +73,11 @@ def kernel_floor(cfg, img_tokens, cap_tokens, dtype, repeats, shared_image=False
     cap = [_round_up(n) for n in cap_tokens]
     ops = []
 
-    def gemm(m, k, n, count=1):
+    def gemm(m, k, n):
         a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
         per_line = 64 // a.element_size()
         out = torch.empty(m, n + (-n) % per_line, dtype=dtype)[:, :n]
-        ops.extend([lambda: torch.mm(a, w.t(), out=out)] * count)
+        ops.append(lambda: torch.mm(a, w.t(), out=out))
 
     def blocks(lengths, count):
         m = sum(lengths)
@@ -83,8 +98,7 @@ def kernel_floor(cfg, img_tokens, cap_tokens, dtype, repeats, shared_image=False
         for op in ops:
             op()
 
-    run()
-    return statistics.median(timed(run, repeats))
+    return run
 
 
 def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
@@ -103,24 +117,30 @@ def bench_case(name, cfg, latent_hw, cap_lens, dtype, repeats):
         x[1] = x[0].clone()  # CFG: the same latent with two captions
     caps = [torch.randn(n, cfg.cap_feat_dim, dtype=dtype) for n in cap_lens]
     t = torch.full((len(x),), 0.5)
+    img_tokens = [(h // 2) * (w // 2)] * len(x)
+    flops = forward_flops(cfg, img_tokens, cap_lens)
+    probe, rates = gemm_probe(dtype)
+    floor = kernel_floor(cfg, img_tokens, cap_lens, dtype, shared_image=len(x) == 2)
     with torch.no_grad():
         run_ref = lambda: ref(x, t, caps).sample
         run_ours = lambda: ours(x, t, caps)
         diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(run_ref(), run_ours()))
         scale = max(a.float().abs().max().item() for a in run_ref())
-        t_ours, t_ref = alternate(run_ours, run_ref, repeats)
-    img_tokens = [(h // 2) * (w // 2)] * len(x)
-    flops = forward_flops(cfg, img_tokens, cap_lens)
-    floor = kernel_floor(cfg, img_tokens, cap_lens, dtype, repeats, shared_image=len(x) == 2)
-    return dict(case=name, dtype=str(dtype).removeprefix("torch."), ours=t_ours * 1e3, ref=t_ref * 1e3,
-                ratio=t_ref / t_ours, gflops=flops / t_ours / 1e9, rel_err=diff / scale,
-                floor=floor * 1e3, floor_ratio=t_ref / floor, floor_gflops=flops / floor / 1e9)
+        rounds = interleaved([probe, run_ours, run_ref, floor], repeats)
+
+    # Every ratio is taken within a round (one row of ``rounds``), then its median reported.
+    _, o, r, f = np.array(rounds).T
+    peak = np.array(rates[1:])  # rates[0] is the warm-up call's
+    return dict(case=name, dtype=str(dtype).removeprefix("torch."), ours=np.median(o) * 1e3, ref=np.median(r) * 1e3,
+                ratio=np.median(r / o), gflops=np.median(flops / o) / 1e9, peak=np.median(peak) / 1e9,
+                peak_frac=np.median(flops / o / peak), rel_err=diff / scale, floor=np.median(f) * 1e3,
+                floor_ratio=np.median(r / f), floor_frac=np.median(flops / f / peak))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2, this CPU's core count)")
-    ap.add_argument("--repeats", type=int, default=7, help="timed forwards per model and case (median reported)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds per case (medians reported)")
     ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"],
                     help="which dtypes to run (default both; bf16 is very slow on CPUs without AVX-512)")
     args = ap.parse_args()
@@ -135,17 +155,10 @@ def main():
         ("(b) d512 L8 H8, 64x64, caps 64", mid, (64, 64), [64], torch.bfloat16),
     ]
     dtypes = [getattr(torch, name) for name in args.dtypes]
-    cases = [case for case in cases if case[-1] in dtypes]
-    peaks = {dt: gemm_peak(dt) for dt in dtypes}
-    rows = []
-    for name, cfg, hw, caps, dt in cases:
-        r = bench_case(name, cfg, hw, caps, dt, args.repeats)
-        r["peak_frac"] = r["gflops"] / peaks[dt]
-        r["floor_frac"] = r["floor_gflops"] / peaks[dt]
-        rows.append(r)
+    rows = [bench_case(name, cfg, hw, caps, dt, args.repeats) for name, cfg, hw, caps, dt in cases if dt in dtypes]
 
-    print(f"threads={args.threads}  GEMM peak (best square GEMM): "
-          + ", ".join(f"{str(dt).removeprefix('torch.')} {peak:.0f} GFLOP/s" for dt, peak in peaks.items()))
+    print(f"threads={args.threads}  square-GEMM peak, median over each case's rounds: "
+          + ", ".join(f"{r['case'][:3]} {r['dtype']} {r['peak']:.0f} GFLOP/s" for r in rows))
     print("| case | dtype | ms ours | ms diffusers | speed-up | GFLOP/s ours | of GEMM peak | max rel. diff "
           "| ms kernel floor | speed-up at floor | of peak at floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
