@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers import ZImageTransformer2DModel
 
 from timing import interleaved, timed
-from zimagekit.s3dit import S3DiT, S3DiTConfig, _round_up, forward_flops
+from zimagekit.s3dit import RowAlignedLinear, S3DiT, S3DiTConfig, _round_up, forward_flops
 
 
 def gemm_probe(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 5):
@@ -57,10 +57,10 @@ def gemm_probe(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 5):
 
 
 def kernel_floor(cfg, img_tokens, cap_tokens, dtype, shared_image=False):
-    """A callable that runs the forward's GEMMs and attention alone, and nothing else: every Linear of
-    every block as one GEMM over the whole batch (no batch padding, output rows aligned) and
-    CPU flash attention per sample on its padded stream, run back to back on random tensors
-    of the model's shapes. With ``shared_image`` (a CFG pair: one latent, one t) the noise
+    """A callable that runs (under ``no_grad``) the forward's GEMMs and attention alone, and
+    nothing else: every Linear of every block as one GEMM over the whole batch (no batch
+    padding, output rows aligned) and CPU flash attention per sample on its padded stream,
+    run back to back on random tensors of the model's shapes. With ``shared_image`` (a CFG pair: one latent, one t) the noise
     refiner runs for one sample only, as an implementation that noticed could do.
 
     Norms, RoPE, modulation, SwiGLU's product, the small adaLN GEMMs and Python cost
@@ -73,11 +73,9 @@ def kernel_floor(cfg, img_tokens, cap_tokens, dtype, shared_image=False):
     cap = [_round_up(n) for n in cap_tokens]
     ops = []
 
-    def gemm(m, k, n):
-        a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-        per_line = 64 // a.element_size()
-        out = torch.empty(m, n + (-n) % per_line, dtype=dtype)[:, :n]
-        ops.append(lambda: torch.mm(a, w.t(), out=out))
+    def gemm(m, k, n):  # aligned output rows, as RowAlignedLinear gives without autograd
+        a, layer = torch.randn(m, k, dtype=dtype), RowAlignedLinear(k, n).to(dtype)
+        ops.append(lambda: layer(a))
 
     def blocks(lengths, count):
         m = sum(lengths)
