@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -301,6 +303,44 @@ def test_resume_is_bit_exact(tmp_path, algorithm, overrides):
     drop_speed = lambda rows: [{k: v for k, v in r.items() if k not in ("samples_per_s", "mfu")} for r in rows]
     assert drop_speed(metrics(resumed)) == drop_speed(metrics(straight))
     assert len(metrics(resumed)) == 8
+
+
+class SignalAt(Regression):
+    """Regression that sends its own process ``sig`` during update ``at``, as Ctrl-C or a
+    job scheduler's SIGTERM would arrive mid-step."""
+
+    def __init__(self, sig=None, at=None):
+        super().__init__()
+        self.sig, self.at = sig, at
+
+    def training_step(self, batch, step):
+        if step == self.at:
+            os.kill(os.getpid(), self.sig)
+        return super().training_step(batch, step)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_saves_the_step_in_flight_and_resume_is_bit_exact(tmp_path, capsys, sig):
+    common = ["train.steps=8", "train.ckpt_every=100", "optim.lr=1e-2"]
+    seed_everything(0)
+    straight = Trainer(config(tmp_path, *common, name="straight"), SignalAt(), regression_data(8))
+    straight.fit()
+
+    seed_everything(0)
+    stopped = Trainer(config(tmp_path, *common, name="stopped"), SignalAt(sig, at=3), regression_data(8))
+    handler = signal.getsignal(sig)
+    stopped.fit()
+    assert signal.getsignal(sig) == handler  # the process's own handler is back
+    assert stopped.step == 3 and checkpoint_steps(stopped) == ["step_0000003"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{signal.Signals(sig).name} at step 3: saved ") and line.endswith("run.resume=true")
+
+    seed_everything(99)
+    resumed = Trainer(config(tmp_path, *common, "run.resume=true", name="stopped"), SignalAt(), regression_data(8))
+    assert resumed.step == 3
+    resumed.fit()
+    for a, b in zip(straight.modules["net"].state_dict().values(), resumed.modules["net"].state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_checkpoint_layout_is_safetensors_and_json(tmp_path):

@@ -35,6 +35,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -573,6 +575,36 @@ def _image_grid(images: list[Image.Image], cols: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------
 
 
+class _StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM while training: the first lets the update in flight finish,
+    so the loop can save a checkpoint at that step and return; a second one interrupts at
+    once. Handlers are installed only in the main thread, where Python runs them, and the old
+    ones come back with :meth:`restore`."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.name is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must save together)."""
+        return parallel.mean_over_ranks([float(self.name is not None)])[0] > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class Trainer:
     """Runs ``algorithm`` on batches from ``data`` as ``cfg`` says, in ``<run.dir>/<run.name>``.
 
@@ -771,8 +803,15 @@ class Trainer:
         busy, busy_steps = 0.0, 0  # time spent in updates since the last log line
         for module in self.modules.values():
             module.train()
+        stop = _StopRequest()
         try:
             while self.step < last:
+                if stop.agreed():
+                    self._save_checkpoint()
+                    if main:
+                        tqdm.write(f"{stop.name or 'a stop request'} at step {self.step}: saved {self.last_checkpoint}; continue with "
+                                   f"the same command and run.resume=true")
+                    return
                 started = time.perf_counter()
                 losses, norms, lrs = self._update(self.step + 1)
                 if self.device.type == "cuda":
@@ -799,6 +838,7 @@ class Trainer:
                 if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last:
                     self._save_checkpoint()
         finally:
+            stop.restore()
             bar.close()
             if log is not None:
                 log.close()
