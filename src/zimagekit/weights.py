@@ -63,14 +63,12 @@ def _from_hf(module, state_dict, prefix, local_metadata, strict, missing_keys, u
             state_dict[prefix + internal] = state_dict.pop(prefix + hf)
 
 
-def register_hf_key_hooks(model: torch.nn.Module) -> None:
-    """Make every transformer block of ``model`` save and load under Hugging Face names."""
-    from .s3dit import TransformerBlock
-
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            module.register_state_dict_post_hook(_to_hf)
-            module.register_load_state_dict_pre_hook(_from_hf)
+def register_hf_key_hooks(blocks) -> None:
+    """Make each of ``blocks`` (S3-DiT transformer blocks, with fused q/k/v and w1/w3) save and
+    load under Hugging Face names."""
+    for block in blocks:
+        block.register_state_dict_post_hook(_to_hf)
+        block.register_load_state_dict_pre_hook(_from_hf)
 
 
 def _summary(label: str, keys: list[str], limit: int = 5) -> str:
@@ -131,11 +129,10 @@ def comfy_to_hf(state_dict: dict, patch_key: str = "2-1") -> dict:
     return out
 
 
-def infer_config(state_dict: dict):
-    """An S3DiTConfig from the tensor shapes of a Hugging Face-named state dict (single
-    files carry no config). The RoPE split is only known for the released head_dim 128."""
-    from .s3dit import S3DiTConfig
-
+def infer_config(state_dict: dict, config_class):
+    """A ``config_class`` (S3DiTConfig) from the tensor shapes of a Hugging Face-named state
+    dict (single files carry no config). The RoPE split is only known for the released
+    head_dim 128."""
     try:
         dim, patch_dim = state_dict["all_x_embedder.2-1.weight"].shape
         cap_feat_dim = state_dict["cap_embedder.1.weight"].shape[1]
@@ -143,11 +140,11 @@ def infer_config(state_dict: dict):
         raise ZImageKitError(f"cannot infer the model config: key {e} is missing; pass config=") from None
     count = lambda part: len({int(m.group(1)) for k in state_dict if (m := re.match(rf"{part}\.(\d+)\.", k))})
     qk_norm = "layers.0.attention.norm_q.weight" in state_dict
-    ref = S3DiTConfig()
+    ref = config_class()
     head_dim = state_dict["layers.0.attention.norm_q.weight"].shape[0] if qk_norm else ref.head_dim
     if head_dim != ref.head_dim:
         raise ZImageKitError(f"head_dim {head_dim} differs from the released model's {ref.head_dim}; pass config= with its axes_dims")
-    return S3DiTConfig(
+    return config_class(
         in_channels=patch_dim // 4, dim=dim, n_layers=count("layers"), n_refiner_layers=count("noise_refiner"),
         n_heads=dim // head_dim, n_kv_heads=dim // head_dim, qk_norm=qk_norm, cap_feat_dim=cap_feat_dim,
     )
@@ -190,15 +187,13 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(cls, path, dtype=None, device=None, config=None):
-    """See :meth:`S3DiT.from_pretrained`."""
-    from .s3dit import S3DiTConfig
-
+    """See :meth:`S3DiT.from_pretrained`; ``cls`` is the model class, ``cls.config_class`` its config."""
     path = Path(path)
     if path.is_dir():
         if not (path / CONFIG_NAME).exists():
             hint = " (this looks like a pipeline folder: pass its transformer/ subfolder)" if (path / "transformer").is_dir() else ""
             raise ZImageKitError(f"{path}: no {CONFIG_NAME}{hint}")
-        config = config or S3DiTConfig.from_json(path / CONFIG_NAME)
+        config = config or cls.config_class.from_json(path / CONFIG_NAME)
         state = read_folder_weights(path)
         source = str(path)
     elif path.exists():
@@ -209,9 +204,9 @@ def load_pretrained(cls, path, dtype=None, device=None, config=None):
     if is_comfy_state_dict(state):
         state = comfy_to_hf(state)
     if config is None:
-        config = infer_config(state)
+        config = infer_config(state, cls.config_class)
     if isinstance(config, str):
-        config = S3DiTConfig.preset(config)
+        config = cls.config_class.preset(config)
     with torch.device("meta"):
         model = cls(config)
     check_state_dict(model, state, source=source)
