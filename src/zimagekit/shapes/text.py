@@ -1,5 +1,5 @@
 """The shapes world's tokenizer and text encoder: a byte-level BPE over the caption vocabulary
-in Qwen's tokenizer class, and a small Qwen3 pre-trained as a causal LM on training captions.
+in Qwen's tokenizer class, and a small Qwen3 trained as a chat LM to restate captions.
 
     python -m zimagekit.shapes.text tokenizer models/shapes/tokenizer
     python -m zimagekit.shapes.text train --config configs/shapes/text_encoder.yaml [key=value ...]
@@ -9,9 +9,16 @@ in Qwen's tokenizer class, and a small Qwen3 pre-trained as a causal LM on train
 Both stand in for Z-Image's Qwen3-4B and its tokenizer and take exactly the same code path:
 ``AutoTokenizer`` loads a ``Qwen2Tokenizer`` (NFC, Qwen's split regex, byte-level BPE) with
 Qwen3's added tokens and chat template, and the pipeline reads ``hidden_states[-2]`` of the
-``Qwen3Model`` for the chat-formatted prompt. Z-Image's encoder was pre-trained on language,
-not on images; this one is pre-trained on the world's captions (next-token prediction,
-held-out colour-shape combinations never shown) and then frozen.
+``Qwen3Model`` for the chat-formatted prompt. Z-Image's encoder is a chat LM whose features
+carry what a prompt means; this one is trained as a chat LM on one task whose answers need
+the whole caption (:func:`canonical_answer`: restate the scene in one canonical order), on
+training captions only (held-out colour-shape combinations never shown), and then frozen.
+
+Why a task and not plain next-token prediction on captions: a tiny LM trained to the entropy
+floor of the caption grammar keeps only what predicts the next word. "left" and "right" are
+both followed by "of" and a count word does not change what follows it, so with tied
+embeddings such an LM maps them to nearly the same vector, and the DiT cannot follow what its
+features do not carry (docs/shapes/diagnosis.md has the measurements).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -158,12 +167,17 @@ class TextModelSection:
 
 @dataclass
 class TextDataSection:
-    """Caption i of the training set is ``world.sample_prompt(seed + i, "train")``: the
-    same captions the teacher's scenes carry, never a held-out combination."""
+    """With ``source="train"``, caption i of the training set is ``world.sample_prompt(seed + i,
+    "train")``: the same captions the teacher's scenes carry, never a held-out combination.
+    With ``source="grammar"`` the captions cycle through every caption the grammar can write
+    (:func:`grammar_captions`, shuffled by ``seed``), held-out combinations included, as a
+    language model's pre-training text names every colour with every shape; the teacher's
+    image-caption pairs still never do."""
 
     tokenizer: str = "models/shapes/tokenizer"
     captions: int = 20_000
     seed: int = 0
+    source: Literal["train", "grammar"] = "train"
 
     def __post_init__(self):
         if self.captions < 1 or self.seed < 0:
@@ -171,9 +185,24 @@ class TextDataSection:
 
 
 @dataclass
+class ObjectiveSection:
+    """``read_identity_weight`` > 0 adds a second loss: each prompt token's own id, predicted
+    from the layer the DiT reads (``hidden_states[-2]``, through the final norm and the tied
+    head), so that layer keeps every word's identity; next-token prediction alone never needs
+    a shape word's identity there (what follows a shape does not depend on which shape)."""
+
+    read_identity_weight: float = 0.0
+
+    def __post_init__(self):
+        if not self.read_identity_weight >= 0:
+            raise ZImageKitError(f"objective.read_identity_weight must be >= 0, got {self.read_identity_weight}")
+
+
+@dataclass
 class TextEncoderConfig(TrainConfig):
     model: TextModelSection = field(default_factory=TextModelSection)
     data: TextDataSection = field(default_factory=TextDataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
 
 
 def qwen3_config(model: TextModelSection, tokenizer):
@@ -197,38 +226,98 @@ def qwen3_config(model: TextModelSection, tokenizer):
     )
 
 
-def encode_captions(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Chat-formatted token ids exactly as the pipeline feeds them, right-padded to the longest:
-    ``input_ids`` and ``attention_mask``, (N, L)."""
-    texts = [chat_prompt(tokenizer, c) for c in captions]
+def _tokenize(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     batch = tokenizer(texts, padding="longest", return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].bool()}
 
 
+def encode_captions(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Chat-formatted token ids exactly as the pipeline feeds them, right-padded to the longest:
+    ``input_ids`` and ``attention_mask``, (N, L)."""
+    return _tokenize(tokenizer, [chat_prompt(tokenizer, c) for c in captions])
+
+
+# Canonical order of a pair joined by "and": by shape, then colour (an unnamed colour first).
+_SHAPE_RANK = {s: i for i, s in enumerate(world.SHAPES)}
+_COLOR_RANK = {c: i for i, c in enumerate((None, *world.COLORS))}
+
+
+def canonical_answer(caption: str) -> str:
+    """The reply the encoder learns to give to a caption: its scene restated in one canonical
+    form, in the caption grammar's own words, so that captions that mean the same get the
+    same reply and captions that differ in one word get different ones.
+
+    - a relation is turned to "to the left of" or "above", swapping the objects if needed:
+      "a red circle to the right of a blue square" -> "a blue square to the left of a red
+      circle" (which object comes first depends on left/right, above/below);
+    - a count is spelled out: "three red circles" -> "a red circle and a red circle and a red
+      circle" (how many phrases depends on the count word);
+    - two objects joined by "and" are ordered by shape, then colour (the order depends on
+      both shapes);
+    - one object is repeated as it is.
+    """
+    prompt = world.parse_prompt(caption)
+    objects = prompt.objects
+    if prompt.category == "position":
+        relation = prompt.relation
+        if relation in ("right of", "below"):
+            objects, relation = objects[::-1], {"right of": "left of", "below": "above"}[relation]
+        return world.make_prompt("position", objects, relation).text
+    if len(objects) == 2 and prompt.category != "counting":
+        objects = tuple(sorted(objects, key=lambda o: (_SHAPE_RANK[o.shape], _COLOR_RANK[o.color])))
+    # make_prompt joins any number of noun phrases with "and" outside counting and position.
+    return world.make_prompt("two_object", objects).text
+
+
+def encode_dialogues(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The training sequences: each caption chat-formatted as the pipeline feeds it, followed by
+    the assistant's :func:`canonical_answer` and ``<|im_end|>``, right-padded to the longest
+    (``input_ids``, ``attention_mask``), and ``prompt_length``, the tokens of the prompt part,
+    which is token for token what the DiT's features are read from."""
+    prompts = [chat_prompt(tokenizer, c) for c in captions]
+    encoded = _tokenize(tokenizer, [f"{p}{canonical_answer(c)}{tokenizer.eos_token}" for p, c in zip(prompts, captions)])
+    encoded["prompt_length"] = torch.tensor([len(ids) for ids in tokenizer(prompts).input_ids])
+    return encoded
+
+
 def training_captions(data: TextDataSection) -> list[str]:
-    return [world.sample_prompt(data.seed + i, "train").text for i in range(data.captions)]
+    if data.source == "grammar":
+        every = grammar_captions()
+        np.random.default_rng(data.seed).shuffle(every)
+        return list(itertools.islice(itertools.cycle(every), data.captions))
+    return world.training_prompts(data.captions, data.seed)
 
 
-def caption_data(tokenizer, captions: list[str], batch_size: int, seed: int) -> IndexDataSource:
-    encoded = encode_captions(tokenizer, captions)
+def dialogue_data(tokenizer, captions: list[str], batch_size: int, seed: int) -> IndexDataSource:
+    encoded = encode_dialogues(tokenizer, captions)
     return IndexDataSource(lambda idx: {k: v[idx] for k, v in encoded.items()}, len(captions), batch_size, seed=seed)
 
 
 class CaptionLM(Algorithm):
-    """Pre-trains one module, ``text_encoder`` (a ``Qwen3ForCausalLM``), by next-token
-    prediction on chat-formatted captions: the whole templated sequence, as a chat LM sees it."""
+    """Trains one module, ``text_encoder`` (a ``Qwen3ForCausalLM``), by next-token prediction on
+    chat-formatted dialogues (:func:`encode_dialogues`): the whole templated sequence, caption and
+    answer, as a chat LM sees it."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, objective: ObjectiveSection | None = None):
         self.lm = lm
+        self.objective = objective or ObjectiveSection()
 
     def modules(self):
         return {GROUP: self.lm}
 
     def training_step(self, batch, step):
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        weight = self.objective.read_identity_weight
         # Every real token is a target (transformers shifts them by one); padding is not.
-        out = self.lm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(~mask, -100), use_cache=False)
-        return {GROUP: out.loss}
+        out = self.lm(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(~mask, -100), use_cache=False,
+                      output_hidden_states=weight > 0)
+        if weight == 0:
+            return {GROUP: out.loss}
+        # The prompt part (through the template's closing "\n") is what the DiT reads.
+        logits = self.lm.lm_head(self.lm.model.norm(out.hidden_states[-2]))
+        read = mask & (torch.arange(ids.shape[1])[None] < batch["prompt_length"][:, None])
+        identity = torch.nn.functional.cross_entropy(logits[read].float(), ids[read])
+        return {GROUP: out.loss + weight * identity}
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,8 +332,8 @@ def train(cfg: TextEncoderConfig) -> Path:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     config = qwen3_config(cfg.model, tokenizer)
     lm = Qwen3ForCausalLM(config)
-    data = caption_data(tokenizer, training_captions(cfg.data), cfg.train.batch_size, cfg.data.seed)
-    trainer = Trainer(cfg, CaptionLM(lm), data)
+    data = dialogue_data(tokenizer, training_captions(cfg.data), cfg.train.batch_size, cfg.data.seed)
+    trainer = Trainer(cfg, CaptionLM(lm, cfg.objective), data)
     config.to_json_file(trainer.run_dir / QWEN3_CONFIG)
     trainer.fit()
     return trainer.run_dir
@@ -310,6 +399,69 @@ def evaluate(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 2000) 
     return {"train": caption_nll(lm, tokenizer, train), "held_out": caption_nll(lm, tokenizer, held)}
 
 
+# What a linear probe reads off the features: a name per target and the caption's label (None
+# where the caption has none, e.g. no relation in "a red circle"). The count is asked of
+# counting captions only ("two" / "three" / "four"): "and" alone would give away 1 vs 2.
+PROBE_TARGETS: dict[str, Callable[[world.Prompt], object]] = {
+    "count": lambda p: len(p.objects) if p.category == "counting" else None,
+    "shape": lambda p: p.objects[0].shape,
+    "relation": lambda p: p.relation,
+    "colour": lambda p: p.objects[0].color,
+}
+
+
+def linear_probe(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 4000, steps: int = 300) -> dict[str, float]:
+    """Held-out accuracy of linear probes from the features the DiT reads (``hidden_states[-2]``
+    of the chat-formatted caption, averaged over its tokens) to each of :data:`PROBE_TARGETS`.
+
+    Each probe is a softmax regression fitted on distinct training captions (``captions``
+    draws) and scored on the distinct evaluation prompts that name a held-out colour-shape
+    combination, so a probe must read the attribute, not recall the caption. Chance is
+    1/number of classes; a probe at 1.0 means the pooled features carry the attribute
+    linearly."""
+    from ..text_encoder import Qwen3TextEncoder
+
+    for what, folder in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
+        if not (Path(folder) / ("config.json" if what == "text encoder" else "tokenizer_config.json")).is_file():
+            raise ZImageKitError(f"{folder}: not a {what} folder")
+    with _quiet_transformers():
+        encoder = Qwen3TextEncoder.from_pretrained(text_encoder_dir, tokenizer_dir)
+    train = sorted({world.sample_prompt(10**9 + i, "train").text for i in range(captions)})
+    test = sorted({p.text for p in world.eval_prompts()
+                   if any((o.color, o.shape) in world.HELD_OUT for o in p.objects)})
+
+    def pooled(texts):
+        return torch.stack([f.mean(0) for f in encoder.encode(texts)])
+
+    x_train, x_test = pooled(train), pooled(test)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    prompts_train = [world.parse_prompt(t) for t in train]
+    prompts_test = [world.parse_prompt(t) for t in test]
+    accuracy = {}
+    for name, label in PROBE_TARGETS.items():
+        y_train = [label(p) for p in prompts_train]
+        y_test = [label(p) for p in prompts_test]
+        classes = sorted({y for y in y_train if y is not None}, key=str)
+        rows = [i for i, y in enumerate(y_train) if y is not None]
+        test_rows = [i for i, y in enumerate(y_test) if y is not None]
+        target = torch.tensor([classes.index(y_train[i]) for i in rows])
+        weight = torch.zeros(x_train.shape[1], len(classes), requires_grad=True)
+        bias = torch.zeros(len(classes), requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=0.05)
+        torch.manual_seed(0)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            logits = x_train[rows] @ weight + bias
+            (torch.nn.functional.cross_entropy(logits, target) + 1e-3 * weight.square().sum()).backward()
+            optimizer.step()
+        with torch.no_grad():
+            guess = (x_test[test_rows] @ weight + bias).argmax(1)
+        truth = torch.tensor([classes.index(y_test[i]) for i in test_rows])
+        accuracy[name] = (guess == truth).float().mean().item()
+    return accuracy
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimagekit.shapes.text", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +472,10 @@ def main(argv=None) -> int:
     v = sub.add_parser("evaluate", help="caption perplexity on training captions and held-out combinations")
     v.add_argument("text_encoder", type=Path, help="an exported text_encoder folder")
     v.add_argument("tokenizer", type=Path, help="its tokenizer folder")
+    q = sub.add_parser("probe", help="linear probes from the features the DiT reads to count, shape, relation "
+                       "and colour, scored on held-out combinations")
+    q.add_argument("text_encoder", type=Path, help="an exported text_encoder folder")
+    q.add_argument("tokenizer", type=Path, help="its tokenizer folder")
     args = parser.parse_args(argv)
 
     def run():
@@ -331,6 +487,9 @@ def main(argv=None) -> int:
         elif args.command == "export":
             export(args.run_dir, args.out, use_ema=not args.no_ema)
             print(f"wrote {args.out}")
+        elif args.command == "probe":
+            for name, acc in linear_probe(args.text_encoder, args.tokenizer).items():
+                print(f"{name}: {acc:.3f} held-out accuracy")
         else:
             for split, nll in evaluate(args.text_encoder, args.tokenizer).items():
                 print(f"{split}: {nll:.4f} nats/token, perplexity {math.exp(nll):.3f}")

@@ -273,6 +273,13 @@ def sample_prompt(rng_or_seed, split: str = "train", category: str | None = None
     return make_prompt(category, (a, b), _pick(rng, RELATIONS) if category == "position" else None)
 
 
+def training_prompts(count: int, seed: int = 0) -> list[str]:
+    """The captions of training scenes ``seed .. seed + count - 1`` (``sample_prompt(seed + i)``):
+    a prompt source for algorithms that need the world's prompts without its images
+    (``zimagekit.prompts.load_prompts("zimagekit.shapes.world:training_prompts", count, seed)``)."""
+    return [sample_prompt(seed + i, "train").text for i in range(count)]
+
+
 # ----------------------------------------------------------------------------------------
 # Layout
 # ----------------------------------------------------------------------------------------
