@@ -1,25 +1,32 @@
 #!/bin/bash
-# The shapes recipe for one short GPU lease (one GPU, ~10 minutes), run from the repository
+# The shapes recipe for one short GPU lease (one GPU, ~9 minutes), run from the repository
 # root:   OUT=DIR bash scripts/shapes_gpu_lease.sh
 #   1. a 60-step probe of configs/shapes/teacher_gpu.yaml (it also encodes the latent cache)
 #      measures samples/s; the teacher run gets the train.steps that end its cosine decay by
 #      TEACH_END seconds after the start;
 #   2. the teacher, warm-started from the shipped one, exported to runs/export/shapes-teacher;
-#   3. configs/shapes/distill_gpu.yaml (guidance W) until DIST_END, exported to
+#   3. the distillation guidance: the teacher judged at w = 0 / 1 / 2 / 3 (PICK_STEPS Euler
+#      steps, 1 image per held-out prompt); W is the best (W set in the environment skips it);
+#   4. configs/shapes/distill_gpu.yaml (guidance W) until DIST_END, exported to
 #      runs/export/shapes-turbo;
-#   4. into OUT: both transformers' safetensors cut into 15 MB parts (join them with cat), the
-#      runs' configs and metrics in pack.tgz, and the whole log, gpu.log.
+#   5. the evaluations of the shipped table (held-out prompts, 4 images each): teacher at 50
+#      steps with w = 0 and w = W, teacher at 8 steps without CFG, student at 8 steps;
+#   6. into OUT: both transformers' safetensors cut into 15 MB parts (join them with cat), the
+#      runs' configs, metrics and evaluations in pack.tgz, and the whole log, gpu.log.
 # A machine without internet needs the packages its image lacks as wheels in .whl/ (for a
 # stock PyTorch image: diffusers and importlib_metadata); they are installed to /tmp/site.
-# EXTRA_T and EXTRA_D append overrides to the teacher and distill runs (a CPU rehearsal:
-# EXTRA_T="data.scenes=600 train.batch_size=8 train.precision=fp32 data.cache_dir=/tmp/c").
+# EXTRA_T and EXTRA_D append overrides to the teacher and distill runs, EVAL_IMAGES and
+# PICK_STEPS shrink the evaluations. A CPU rehearsal (4 minutes): TEACH_END=90 DIST_END=160
+# EXTRA_T="data.scenes=600 train.batch_size=8 train.precision=fp32 data.cache_dir=/tmp/c"
+# EXTRA_D="train.batch_size=4 train.precision=fp32 data.count=200" EVAL_IMAGES=1 PICK_STEPS=2.
 set -u -o pipefail
 OUT=${OUT:-runs/lease-out}
-TEACH_END=${TEACH_END:-380}
-DIST_END=${DIST_END:-555}
-W=${W:-0.0}
+TEACH_END=${TEACH_END:-360}
+DIST_END=${DIST_END:-495}
 EXTRA_T=${EXTRA_T:-}
 EXTRA_D=${EXTRA_D:-}
+EVAL_IMAGES=${EVAL_IMAGES:-4}
+PICK_STEPS=${PICK_STEPS:-25}
 mkdir -p "$OUT"
 S=$(date +%s)
 el() { echo $(( $(date +%s) - S )); }
@@ -34,6 +41,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)" 2>&1 | tee -a "$L"
 T=zimagekit.shapes.teacher
 D=zimagekit.algorithms.decoupled_dmd
+mkdir -p runs/pack
 
 # pack MODULE RUN EXPORT NAME: export RUN's EMA model to EXPORT, its transformer into $OUT
 # as NAME.part-*, and RUN's config and metrics into runs/pack as NAME_*.
@@ -42,9 +50,15 @@ pack() {
   local weights=runs/export/$3/transformer/diffusion_pytorch_model.safetensors
   sha256sum "$weights" | tee -a "$L"
   split -b 15M "$weights" "$OUT/$4.part-"
-  mkdir -p runs/pack
   cp "runs/$2/metrics.csv" "runs/pack/$4_metrics.csv"
   cp "runs/$2/config.yaml" "runs/pack/$4_config.yaml"
+}
+
+# judge NAME FOLDER STEPS W IMAGES: the held-out evaluation into runs/pack/eval-NAME.
+judge() {
+  log "evaluate $1: $3 steps, w = $4, $5 images per prompt"
+  python3 -m $T evaluate "$2" --steps "$3" --cfg-scale "$4" --images-per-prompt "$5" --out "runs/pack/eval-$1" 2>&1 \
+    | tee -a "$L"
 }
 
 log "probe (encodes the latent cache first)"
@@ -63,6 +77,10 @@ timeout -s INT $(( TEACH_END - $(el) + 15 )) python3 -m $T train --config config
 log "teacher exit $?; export"
 pack $T shapes-teacher-gpu shapes-teacher teacher
 
+if [ -z "${W:-}" ]; then
+  for w in 0 1 2 3; do judge "pick-w$w" runs/export/shapes-teacher "$PICK_STEPS" $w 1; done
+  W=$(python3 -c "import json; print(max((0, 1, 2, 3), key=lambda w: json.load(open(f'runs/pack/eval-pick-w{w}/metrics.json'))['overall']))")
+fi
 log "distill, w = $W"
 timeout -s INT $(( DIST_END - $(el) )) python3 -m $D train --config configs/shapes/distill_gpu.yaml \
   distill.guidance_scale="$W" $EXTRA_D 2>&1 | tee -a "$L"
@@ -70,5 +88,11 @@ log "distill exit $? (124: stopped by its time limit); export"
 pack $D shapes-distill-gpu shapes-turbo student
 cp -r runs/export/shapes-turbo/model_index.json runs/export/shapes-turbo/scheduler runs/pack/
 cp runs/export/shapes-turbo/transformer/config.json runs/pack/student_transformer_config.json
+tar czf "$OUT/pack.tgz" -C runs pack  # again after the evaluations, in case they run out of time
+
+judge student runs/export/shapes-turbo 8 0 "$EVAL_IMAGES"
+judge teacher-50-w0 runs/export/shapes-teacher 50 0 "$EVAL_IMAGES"
+[ "$W" != 0 ] && judge "teacher-50-w$W" runs/export/shapes-teacher 50 "$W" "$EVAL_IMAGES"
+judge teacher-8-w0 runs/export/shapes-teacher 8 0 "$EVAL_IMAGES"
 tar czf "$OUT/pack.tgz" -C runs pack
 log "done"
