@@ -427,14 +427,18 @@ def test_a_short_distillation_lowers_the_fake_score_loss(tmp_path):
 
 @pytest.fixture(scope="module")
 def distill_run(tmp_path_factory, tiny_model_dir):
-    """Four trainer steps of the command on the tiny random Z-Image folder at 32x32 (the folder
-    records no defaults, so it would otherwise be Turbo's 1024²), with a sample grid."""
+    """Four trainer steps of the command on the tiny random Z-Image folder (real Qwen3
+    tokenizer) at 32x32 (the folder records no defaults, so it would otherwise be Turbo's
+    1024²), on prompts from a text file, with a sample grid."""
     root = tmp_path_factory.mktemp("distill")
+    prompts = root / "prompts.txt"  # any prompt source; a plain text file here
+    prompts.write_text("a lighthouse in a storm\n\na red fox in fresh snow\na bowl of ramen, top view\n"
+                       "two cats on a sofa\n", encoding="utf-8")
     config = root / "distill.yaml"
     config.write_text(yaml.safe_dump({
         "run": {"dir": str(root), "name": "run"},
         "distill": {"student_steps": 2, "fake_updates_per_student": 2, "guidance_scale": 1.5},
-        "data": {"teacher": str(tiny_model_dir), "prompts": 16, "height": 32, "width": 32},
+        "data": {"teacher": str(tiny_model_dir), "prompts": str(prompts), "height": 32, "width": 32},
         "train": {"steps": 4, "batch_size": 4, "ckpt_every": 4, "sample_every": 4, "log_every": 2, "progress": False},
         "sample": {"prompts": ["a red circle"], "seeds": [0, 1]},
         "ema": {"decay": 0.5},
@@ -461,6 +465,9 @@ def test_export_writes_the_ema_student_as_a_few_step_folder(distill_run, tmp_pat
     assert dd.main(["export", str(distill_run), str(out)]) == 0
     pipe = ZImagePipeline.from_pretrained(out)
     assert pipe.defaults == {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 32, "width": 32}
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+
+    DiffusersZImagePipeline.from_pretrained(out)  # the reference loads the student folder too
     # the teacher's shift, sampled stochastically (x̂ re-noised each step) as the student trained
     assert pipe.schedule == dataclasses.replace(ZImagePipeline.from_pretrained(tiny_model_dir).schedule,
                                                stochastic_sampling=True)

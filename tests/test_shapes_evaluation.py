@@ -130,7 +130,8 @@ def distill_runs(tmp_path_factory, tiny_model_dir):
         config.write_text(yaml.safe_dump({
             "run": {"dir": str(root), "name": f"ablation-{mode}"},
             "distill": {"mode": mode, "student_steps": 2, "fake_updates_per_student": 2},
-            "data": {"teacher": str(tiny_model_dir), "prompts": 16, "height": 64, "width": 64},
+            "data": {"teacher": str(tiny_model_dir), "prompts": "zimagekit.shapes.world:training_prompts", "count": 16,
+                     "height": 64, "width": 64},
             "train": {"steps": 4, "batch_size": 4, "ckpt_every": 2, "keep_last_ckpts": 2 if mode == "hybrid" else 1,
                       "log_every": 2,
                       "progress": False},

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ZImageKitError, exit_code
+from ..prompts import load_prompts
 from ..runconfig import add_run_commands, load_config
 from ..s3dit import S3DiT, S3DiTConfig
 from ..sampling import (
@@ -122,18 +123,23 @@ class DistillSection:
 
 @dataclass
 class DistillData:
-    """The teacher folder and the prompts: caption i is ``world.sample_prompt(seed + i)``, the
-    caption of the teacher's training scene ``seed + i``."""
+    """The teacher folder and the prompt source (:func:`zimagekit.prompts.load_prompts`): a
+    .txt/.jsonl/.csv file, a dataset folder's captions, or ``module:function``. ``count``
+    keeps the first prompts of a file (null: all) or draws that many from a function with
+    ``seed``; the shapes configs draw the captions of the teacher's training scenes
+    (``zimagekit.shapes.world:training_prompts``)."""
 
     teacher: str = "src/zimagekit/models/shapes-teacher"
-    prompts: int = 20_000
+    prompts: str | None = None
+    count: int | None = 20_000
     seed: int = 0
+    column: str | None = None  # the .jsonl/.csv column; null: prompt, text or caption
     # Image size the student is distilled at; null: the teacher folder's default.
     height: int | None = None
     width: int | None = None
 
     def __post_init__(self):
-        _require(self.prompts >= 1, "data.prompts", f"must be >= 1, got {self.prompts}")
+        _require(self.count is None or self.count >= 1, "data.count", f"must be >= 1 or null, got {self.count}")
         _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
 
 
@@ -387,11 +393,12 @@ def resolve(cfg: DistillConfig, pipe) -> DistillConfig:
 
 
 def prompt_source(pipe, data: DistillData, batch_size: int) -> IndexDataSource:
-    """Batches of caption features of the world's training captions, from the teacher folder's
-    text encoder (which encodes each distinct caption once)."""
-    from ..shapes import world
-
-    features = pipe.encode_prompt([world.sample_prompt(data.seed + i).text for i in range(data.prompts)])
+    """Batches of caption features of the prompts of ``data``, from the teacher folder's text
+    encoder (which encodes each distinct prompt once)."""
+    if data.prompts is None:
+        raise ZImageKitError("data.prompts: name a prompt source (a .txt/.jsonl/.csv file, a dataset folder, or "
+                             "module:function such as zimagekit.shapes.world:training_prompts)")
+    features = pipe.encode_prompt(load_prompts(data.prompts, data.count, data.seed, data.column))
     return IndexDataSource(lambda idx: {"captions": [features[i] for i in idx]}, len(features), batch_size,
                            seed=data.seed)
 
