@@ -11,7 +11,7 @@ from zimagekit.shapes import world
 
 
 def test_the_shapes_template_describes_every_required_object_colour_count_and_relation():
-    enhance = load_enhancer("shapes")
+    enhance = load_enhancer("zimagekit.shapes.enhancer:ShapesTemplateEnhancer")
     prompts = world.eval_prompts()
     descriptions = enhance([p.text for p in prompts])
     for prompt, text in zip(prompts, descriptions):
@@ -31,7 +31,7 @@ def test_unknown_enhancers_and_non_shapes_prompts_are_one_line_errors():
     with pytest.raises(ZImageKitError, match="unknown prompt enhancer"):
         load_enhancer("gpt")
     with pytest.raises(ZImageKitError, match="not a shapes-world prompt"):
-        load_enhancer("shapes")(["a photo of a cat"])
+        load_enhancer("zimagekit.shapes.enhancer:ShapesTemplateEnhancer")(["a photo of a cat"])
     with pytest.raises(ZImageKitError, match="not a transformers model folder"):
         load_enhancer("llm:/nonexistent")
 

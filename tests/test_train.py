@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from zimagekit import parallel, train
 from zimagekit.datasets import ImageCaptionDataset, make_buckets
 from zimagekit.enhancer import PromptEnhancer, load_enhancer
+
+SHAPES_ENHANCER = "zimagekit.shapes.enhancer:ShapesTemplateEnhancer"
 from zimagekit.errors import ZImageKitError
 from zimagekit.latent_cache import build_cache, cache_key
 from zimagekit.s3dit import S3DiT, S3DiTConfig
@@ -70,9 +72,9 @@ def test_the_cache_holds_the_encoders_outputs_and_is_reused_until_an_input_chang
 
     again = cache_of(dataset_dir, tiny_model_dir, tmp_path, calls=calls)
     assert calls == [1] and again.folder == cache.folder  # reused: the encoders were not even loaded
-    enhanced = cache_of(dataset_dir, tiny_model_dir, tmp_path, load_enhancer("shapes"), calls)
+    enhanced = cache_of(dataset_dir, tiny_model_dir, tmp_path, load_enhancer(SHAPES_ENHANCER), calls)
     assert calls == [1, 1] and enhanced.folder != cache.folder
-    assert torch.allclose(enhanced[0][1], text.encode(load_enhancer("shapes")([CAPTIONS[0]]), 32)[0], atol=1e-5)
+    assert torch.allclose(enhanced[0][1], text.encode(load_enhancer(SHAPES_ENHANCER)([CAPTIONS[0]]), 32)[0], atol=1e-5)
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path, dataset_dir, tiny_model_dir):
@@ -119,7 +121,7 @@ def test_phases_run_in_order_each_from_the_previous_phases_weights(tmp_path, dat
     """Phase 2 runs one step at a negligible learning rate, so it must end where phase 1 ended."""
     config = run_config(tmp_path, dataset_dir, tiny_model_dir, "ema: {enabled: false}", "phases:",
                         "  - {name: low-res, steps: 2, max_aspect: 1.0}",
-                        "  - {name: sft, steps: 1, lr: 1.0e-12, enhancer: shapes}")
+                        f"  - {{name: sft, steps: 1, lr: 1.0e-12, enhancer: \"{SHAPES_ENHANCER}\"}}")
     assert train.main(["--config", str(config)]) == 0
     low, sft = tmp_path / "runs" / "r" / "1-low-res", tmp_path / "runs" / "r" / "2-sft"
     first = load_file(str(low / "checkpoints" / "step_0000002" / "transformer.safetensors"))

@@ -4,8 +4,8 @@ Z-Image answers short prompts well because a prompt enhancer rewrites them into 
 descriptions at inference, and its SFT phase trains on such descriptions (PE-aware SFT).
 The trainer calls an enhancer on every caption before the text encoder sees it:
 
-    enhancer = load_enhancer("shapes")                  # terse shapes-world prompt -> description
     enhancer = load_enhancer("llm:/models/Qwen3-4B")    # a local transformers model folder
+    enhancer = load_enhancer("zimagekit.shapes.enhancer:ShapesTemplateEnhancer")   # module:class
     enhancer(["a red circle"])
 
 An enhancer has a ``name`` that changes whenever its output would: cached caption features
@@ -15,6 +15,7 @@ are keyed by it, so features of another enhancer are never reused.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -28,43 +29,6 @@ class PromptEnhancer:
 
     def __call__(self, prompts: list[str]) -> list[str]:
         return list(prompts)
-
-
-class ShapesTemplateEnhancer(PromptEnhancer):
-    """Turns a shapes-world caption ("a red circle to the left of two ...") into the
-    detailed description an enhancer would write, from the caption's parsed requirement."""
-
-    name = "shapes-template-1"
-
-    def __call__(self, prompts: list[str]) -> list[str]:
-        from .shapes import world
-
-        return [describe_scene(world.parse_prompt(p)) for p in prompts]
-
-
-def describe_scene(prompt) -> str:
-    """The description of a parsed shapes-world :class:`~zimagekit.shapes.world.Prompt`."""
-    from .shapes import world
-
-    def thing(spec) -> str:
-        return f"{spec.color} {spec.shape}" if spec.color else f"{spec.shape} in any one flat colour"
-
-    n = len(prompt.objects)
-    if prompt.category == "counting":
-        spec = prompt.objects[0]
-        colour = f"all {spec.color}" if spec.color else "each in a flat colour"
-        content = f"exactly {world.COUNT_WORDS[n]} {spec.shape}s, {colour}, of similar size"
-    else:
-        content = "exactly " + " and ".join(f"one {thing(o)}" for o in prompt.objects)
-    text = (f"A flat two-dimensional illustration on a plain light-grey square canvas showing {content}. ")
-    if prompt.relation is not None:
-        a, b = (str(o) for o in prompt.objects)
-        where = {"left of": "to the left of", "right of": "to the right of"}.get(prompt.relation, prompt.relation)
-        text += f"The {a} is clearly {where} the {b}. "
-    text += ("Every shape is a solid silhouette with crisp edges and no outline, shading or texture; "
-             f"{'the shapes do not touch or overlap, and ' if n > 1 else ''}"
-             "there is no text and nothing else in the picture.")
-    return text
 
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -114,11 +78,22 @@ class TransformersEnhancer(PromptEnhancer):
 
 
 def load_enhancer(spec: str, device=None) -> PromptEnhancer:
-    """``none``, ``shapes`` (the template enhancer) or ``llm:FOLDER`` (a local transformers model)."""
+    """``none``, ``llm:FOLDER`` (a local transformers model) or ``module:Name``, a
+    :class:`PromptEnhancer` subclass (or a function returning one) built with no arguments:
+    how an enhancer of one's own, such as the shapes world's template
+    (``zimagekit.shapes.enhancer:ShapesTemplateEnhancer``), plugs in."""
     if spec == "none":
         return PromptEnhancer()
-    if spec == "shapes":
-        return ShapesTemplateEnhancer()
     if spec.startswith("llm:") and spec[4:]:
         return TransformersEnhancer(spec[4:], device=device)
-    raise ZImageKitError(f"unknown prompt enhancer {spec!r}; use none, shapes or llm:FOLDER")
+    module, sep, name = spec.partition(":")
+    if sep and module and name.isidentifier():
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ZImageKitError(f"prompt enhancer {spec}: cannot import it ({e})") from None
+        enhancer = factory()
+        if not isinstance(enhancer, PromptEnhancer):
+            raise ZImageKitError(f"prompt enhancer {spec} is not a zimagekit.enhancer.PromptEnhancer")
+        return enhancer
+    raise ZImageKitError(f"unknown prompt enhancer {spec!r}; use none, llm:FOLDER or module:Name")

@@ -41,7 +41,7 @@ class DataSection:
     resolution: int = 1024  # aspect buckets keep about resolution² pixels, sides multiples of 16
     max_aspect: float = 2.0  # widest bucket; 1.0: square images only
     max_sequence_length: int = 512  # caption tokens kept, chat template included
-    enhancer: str = "none"  # prompt enhancer: none, shapes, or llm:FOLDER (a local transformers model)
+    enhancer: str = "none"  # prompt enhancer: none, llm:FOLDER (a local transformers model) or module:Name
     cache_dir: str = "runs/cache"  # encoded latents and caption features, reused while the inputs are unchanged
     seed: int = 0  # order of the batches
 
