@@ -243,6 +243,38 @@ def test_a_tiny_lm_trains_through_the_trainer_and_exports_a_pipeline_encoder(tok
     assert features.shape == (11, 32)  # 8 template tokens + 3 words, width = hidden_size
 
 
+def test_read_identity_loss_is_cross_entropy_of_each_prompt_token_at_the_read_layer(tokenizer_dir):
+    """The training loss with read_identity_weight = w is the LM loss plus w times the mean,
+    over the prompt's tokens (not the answer's, not padding), of -log p(token | its own
+    hidden_states[-2]) through the final norm and the tied head, computed here one token at
+    a time."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = text.TextModelSection(hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64)
+    lm = Qwen3ForCausalLM(text.qwen3_config(model, tokenizer)).eval()
+    batch = text.encode_dialogues(tokenizer, ["a red circle", "two green squares"])
+    plain = text.CaptionLM(lm).training_step(batch, 1)[text.GROUP]
+    both = text.CaptionLM(lm, text.ObjectiveSection(read_identity_weight=0.5)).training_step(batch, 1)[text.GROUP]
+    total, count = 0.0, 0
+    for caption in ["a red circle", "two green squares"]:
+        ids = tokenizer(chat_prompt(tokenizer, caption)).input_ids
+        with torch.no_grad():
+            read = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states[-2][0]
+            logp = lm.lm_head(lm.model.norm(read)).log_softmax(-1)
+        total -= sum(logp[i, t].item() for i, t in enumerate(ids))
+        count += len(ids)
+    assert (both - plain).item() == pytest.approx(0.5 * total / count, rel=1e-4)
+
+
+def test_grammar_source_cycles_every_grammar_caption_held_out_pairs_included():
+    captions = text.training_captions(text.TextDataSection(captions=5000, source="grammar"))
+    every = set(text.grammar_captions())
+    assert len(captions) == 5000 and set(captions) <= every and len(set(captions)) == min(5000, len(every))
+    assert any((o.color, o.shape) in world.HELD_OUT for c in captions for o in world.parse_prompt(c).objects)
+
+
 def test_caption_nll_averages_over_caption_words_and_im_end(tokenizer_dir):
     from transformers import AutoTokenizer, Qwen3ForCausalLM
 

@@ -11,8 +11,10 @@ Both stand in for Z-Image's Qwen3-4B and its tokenizer and take exactly the same
 Qwen3's added tokens and chat template, and the pipeline reads ``hidden_states[-2]`` of the
 ``Qwen3Model`` for the chat-formatted prompt. Z-Image's encoder is a chat LM whose features
 carry what a prompt means; this one is trained as a chat LM on one task whose answers need
-the whole caption (:func:`canonical_answer`: restate the scene in one canonical order), on
-training captions only (held-out colour-shape combinations never shown), and then frozen.
+the whole caption (:func:`canonical_answer`: restate the scene in one canonical order), with
+a second loss that keeps every prompt word's identity in the layer the DiT reads
+(:class:`ObjectiveSection`), on training captions only (held-out colour-shape combinations
+never shown), and then frozen.
 
 Why a task and not plain next-token prediction on captions: a tiny LM trained to the entropy
 floor of the caption grammar keeps only what predicts the next word. "left" and "right" are
