@@ -396,6 +396,32 @@ def test_resume_ignores_checkpoints_that_were_never_published(tmp_path):
     assert json.loads((ckpt_dir / "step_0000006" / "trainer_state.json").read_text())["step"] == 6
 
 
+@pytest.mark.parametrize("pointer", ["missing", "behind"])
+def test_resume_takes_a_published_checkpoint_the_pointer_lags_behind(tmp_path, capsys, pointer):
+    """Killed after publishing step_4's directory but before moving ``latest`` (still at
+    step 2, or, at a run's first checkpoint, not written yet): resume continues from step 4,
+    says so, and ends where an uninterrupted run ends, bit for bit."""
+    common = ["train.steps=6", "train.ckpt_every=2", "optim.lr=1e-2"]
+    seed_everything(0)
+    straight = Trainer(config(tmp_path, *common, name="straight"), Regression(), regression_data(8))
+    straight.fit()
+    seed_everything(0)
+    first = ["train.ckpt_every=4"] if pointer == "missing" else []
+    killed = Trainer(config(tmp_path, *common, *first, name="killed"), Regression(), regression_data(8))
+    killed.fit(stop_at=4)
+    if pointer == "missing":
+        (killed.ckpt_dir / "latest").unlink()
+    else:
+        (killed.ckpt_dir / "latest").write_text("step_0000002\n")
+    seed_everything(99)
+    resumed = Trainer(config(tmp_path, *common, "run.resume=true", name="killed"), Regression(), regression_data(8))
+    assert resumed.step == 4
+    assert "from step 4 (step_0000004)" in capsys.readouterr().out
+    resumed.fit()
+    for a, b in zip(straight.modules["net"].state_dict().values(), resumed.modules["net"].state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_an_existing_run_is_never_overwritten(tmp_path):
     seed_everything(0)
     Trainer(config(tmp_path, "train.steps=1"), Regression(), regression_data(8)).fit()

@@ -575,6 +575,18 @@ def _image_grid(images: list[Image.Image], cols: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------
 
 
+def _is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole published checkpoint: its state file parses and names its
+    own step, and its tensors are there."""
+    m = _STEP_DIR.fullmatch(path.name)
+    try:
+        state = json.loads((path / STATE_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(m) and isinstance(state, dict) and state.get("step") == int(m.group(1)) and \
+        (path / STATE_TENSORS).is_file()
+
+
 class _StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM while training: the first lets the update in flight finish,
     so the loop can save a checkpoint at that step and return; a second one interrupts at
@@ -673,6 +685,8 @@ class Trainer:
         latest = parallel.on_main(find_latest)  # only rank 0 reads the run directory
         if latest is not None:
             self._load_checkpoint(latest)
+            if parallel.is_main():
+                tqdm.write(f"resuming {self.run_dir} from step {self.step} ({latest.name})")
         else:
             seed_everything(self.cfg.run.seed)
         if parallel.is_main():
@@ -681,14 +695,20 @@ class Trainer:
             save_config(self.cfg, self.run_dir / "config.yaml")
 
     def _latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``latest`` names, or a newer complete one: a process killed after
+        publishing a checkpoint's directory but before moving the pointer (or, at the first
+        checkpoint, before there was one) leaves a complete directory the pointer lags behind."""
         pointer = self.ckpt_dir / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        if not _STEP_DIR.fullmatch(path.name) or not path.is_dir():
-            raise ZImageKitError(f"{pointer} names {path.name}, which does not exist; point it at an existing "
-                                 f"step_* directory or start a new run")
-        return path
+        named = None
+        if pointer.is_file():
+            named = self.ckpt_dir / pointer.read_text().strip()
+            if not _STEP_DIR.fullmatch(named.name) or not named.is_dir():
+                raise ZImageKitError(f"{pointer} names {named.name}, which does not exist; point it at an existing "
+                                     f"step_* directory or start a new run")
+        step = lambda p: int(_STEP_DIR.fullmatch(p.name).group(1))
+        newer = [p for p in self.ckpt_dir.glob("step_*")
+                 if _is_complete(p) and (named is None or step(p) > step(named))]
+        return max(newer, key=step, default=named)
 
     def _discard_unpublished(self) -> None:
         """Remove temporary checkpoint directories and checkpoints newer than the one
