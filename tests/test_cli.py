@@ -341,6 +341,9 @@ def test_lora_flag_merges_the_adapter_like_diffusers(tiny_model_dir, tmp_path, c
     assert np.abs(np.asarray(without, dtype=int) - np.asarray(Image.open(out), dtype=int)).max() > 1  # it did change
     assert 'LoRA: "style:0.5"' in Image.open(out).text["parameters"]
     assert run(generate(tiny_model_dir, "a cat", "--lora", tmp_path / "missing.safetensors"), capsys)[0] == 2
+    status, _, err = run(generate(tiny_model_dir, "a cat", "--lora", f"{tmp_path / 'style.safetensors'}:abc"), capsys)
+    assert status == 2 and "the scale after the last ':' must be a number, got 'abc'" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_shapes_dispatches_each_stage_to_its_module(tmp_path, capsys):

@@ -59,3 +59,12 @@ def test_plan_command(capsys):
     assert main(["plan", "--gpus", "8", "--strategy", "fsdp", "--checkpointing"]) == 0
     out = capsys.readouterr().out
     assert "FSDP on 8 GPU(s)" in out and "optimizer" in out and "5.73 GiB" in out  # 8P/8 bytes = 5.73 GiB
+
+
+@pytest.mark.parametrize("flags, message", [(["--lora", "-3"], "LoRA rank and must be at least 1, got -3"),
+                                            (["--lora", "0"], "at least 1, got 0"),
+                                            (["--size", "8"], "--size must be at least 16")])
+def test_plan_refuses_impossible_settings_in_one_line(capsys, flags, message):
+    assert main(["plan", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

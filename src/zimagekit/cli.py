@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import sys
@@ -304,13 +305,18 @@ def _output_paths(output: str, count: int) -> list[Path]:
 
 def _lora_spec(spec: str) -> tuple[Path, float]:
     """``FILE`` or ``FILE:SCALE``; the file must exist (checked before any weights load)."""
-    path, scale = spec, 1.0
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            path = spec  # a colon inside the file name, no scale
+    if Path(spec).is_file():  # a colon inside the file name, no scale
+        return Path(spec), 1.0
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path:
+        raise ZImageKitError(f"--lora {spec}: no such file {spec}")
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise ZImageKitError(f"--lora {spec}: the scale after the last ':' must be a number, got {tail!r} "
+                             f"(write FILE or FILE:SCALE, e.g. style.safetensors:0.8)") from None
+    if not math.isfinite(scale):
+        raise ZImageKitError(f"--lora {spec}: the scale must be a finite number, got {tail!r}")
     if not Path(path).is_file():
         raise ZImageKitError(f"--lora {spec}: no such file {path}")
     return Path(path), scale

@@ -59,6 +59,10 @@ def training_memory(cfg: S3DiTConfig, gpus: int = 1, strategy: str = "ddp", batc
         raise ZImageKitError(f"unknown strategy {strategy!r}; use ddp or fsdp")
     if gpus < 1 or batch < 1:
         raise ZImageKitError("--gpus and --batch must be at least 1")
+    if lora_rank is not None and lora_rank < 1:
+        raise ZImageKitError(f"--lora is a LoRA rank and must be at least 1, got {lora_rank}")
+    if image_tokens < 1 or caption_tokens < 1:
+        raise ZImageKitError("--size must be at least 16 and --caption-tokens at least 1")
     with torch.device("meta"):
         P = sum(p.numel() for p in S3DiT(cfg).parameters())
         Pb = sum(p.numel() for p in TransformerBlock(cfg, modulation=True).parameters())
