@@ -282,6 +282,16 @@ def test_missing_component_is_named(tiny_model_dir, tmp_path):
         ZImagePipeline.from_pretrained(tmp_path / "m")
 
 
+def test_a_tokenizer_without_its_vocabulary_is_refused(tiny_model_dir, tmp_path):
+    """Without tokenizer.json, transformers loads a tokenizer that encodes every prompt as
+    nothing (two prompts would give the same image); loading refuses it by name."""
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(ZImageKitError, match="the tokenizer has no vocabulary") as error:
+        ZImagePipeline.from_pretrained(tmp_path / "m")
+    assert "\n" not in str(error.value)
+
+
 def test_truncated_vae_weights_are_named(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     weights = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"

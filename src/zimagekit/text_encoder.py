@@ -124,6 +124,13 @@ class Qwen3TextEncoder:
 
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        # A folder without tokenizer.json (or vocab.json + merges.txt) loads as a tokenizer
+        # with no vocabulary that turns every prompt into nothing: the image would ignore it.
+        if not tokenizer("a cat").input_ids:
+            raise ZImageKitError(
+                f"{tokenizer_dir}: the tokenizer has no vocabulary (tokenizer.json, or vocab.json and merges.txt, "
+                "is missing or empty); copy the model's tokenizer/ folder again"
+            )
         if not getattr(tokenizer, "chat_template", None):
             raise ZImageKitError(
                 f"{tokenizer_dir}: the tokenizer has no chat template; "
