@@ -107,7 +107,8 @@ def test_lora_training_leaves_the_base_and_writes_adapters_that_load(tmp_path, d
     assert train.main(["--config", str(config)]) == 0
     run = tmp_path / "runs" / "r"
     ckpt = run / "checkpoints" / "step_0000002"
-    assert sorted(p.name for p in ckpt.glob("*.safetensors")) == ["lora.safetensors", "trainer_state.safetensors"]
+    assert sorted(p.name for p in ckpt.glob("*.safetensors")) == ["lora.safetensors", "optimizer_state.safetensors",
+                                                                   "trainer_state.safetensors"]  # no base weights
     model = S3DiT.from_pretrained(tiny_model_dir / "transformer")
     saved = load_file(str(run / "lora.safetensors"))
     trained = LoRA.create(copy.deepcopy(model), rank=2)

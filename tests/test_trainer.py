@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 
 import numpy as np
@@ -351,13 +352,33 @@ def test_checkpoint_layout_is_safetensors_and_json(tmp_path):
     assert checkpoint_steps(trainer) == ["step_0000004", "step_0000006"]
     assert (trainer.ckpt_dir / "latest").read_text().strip() == "step_0000006"
     ckpt = trainer.ckpt_dir / "step_0000006"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["net.safetensors", "net_ema.safetensors",
+    assert sorted(p.name for p in ckpt.iterdir()) == ["net.safetensors", "net_ema.safetensors", "optimizer_state.safetensors",
                                                        "trainer_state.json", "trainer_state.safetensors"]
+    # An older checkpoint keeps weights and EMA for evaluation, not the optimizer's moments.
+    assert sorted(p.name for p in (trainer.ckpt_dir / "step_0000004").iterdir()) == [
+        "net.safetensors", "net_ema.safetensors", "trainer_state.json", "trainer_state.safetensors"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["data"]["epoch"] == 0 and state["data"]["offset"] == 48
     weights = load_file(str(ckpt / "net.safetensors"))
     assert all(torch.equal(weights[k], v) for k, v in trainer.modules["net"].state_dict().items())
     assert load_config(TrainConfig, trainer.run_dir / "config.yaml") == trainer.cfg
+
+
+def test_only_the_newest_checkpoint_keeps_optimizer_state_and_the_log_says_the_sizes(tmp_path, capsys):
+    seed_everything(0)
+    trainer = Trainer(config(tmp_path, "train.steps=6", "train.ckpt_every=2", "train.keep_last_ckpts=3"),
+                      Regression(), regression_data(8))
+    trainer.fit()
+    has_optimizer = {p.name: (p / "optimizer_state.safetensors").is_file() for p in trainer.ckpt_dir.glob("step_*")}
+    assert has_optimizer == {"step_0000002": False, "step_0000004": False, "step_0000006": True}
+    log = capsys.readouterr().out
+    assert re.search(r"checkpoints: \d+ MB the newest, \d+ MB each older one \(no optimizer state\); "
+                     r"train.keep_last_ckpts=3 keeps at most \d+ MB", log)
+    # Pointing latest at an older checkpoint: it cannot be resumed, and says which one can.
+    (trainer.ckpt_dir / "latest").write_text("step_0000004\n")
+    (trainer.ckpt_dir / "step_0000006").rename(trainer.ckpt_dir / "old-6")
+    with pytest.raises(ZImageKitError, match="keeps no optimizer state .* resume from the newest"):
+        Trainer(config(tmp_path, "train.steps=8", "run.resume=true"), Regression(), regression_data(8))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

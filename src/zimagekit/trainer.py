@@ -110,7 +110,7 @@ class LoopConfig:
     log_every: int = 10
     ckpt_every: int = 500  # 0: only at the end; a checkpoint is always written at the end
     sample_every: int = 0  # 0: never
-    keep_last_ckpts: int = 3
+    keep_last_ckpts: int = 3  # older checkpoints keep weights and EMA only, not optimizer state
     progress: bool = True
 
     def __post_init__(self):
@@ -442,9 +442,12 @@ def _rng_untouched():
 # Checkpoint files: tensors in safetensors, everything else in JSON, never a pickle
 # ----------------------------------------------------------------------------------------
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
+# The optimizers' state (Adam's two moments: twice the weights) lives in its own file, which
+# only the newest checkpoint keeps: older ones are for evaluation, and resume reads the newest.
+OPTIMIZER_TENSORS = "optimizer_state.safetensors"
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
@@ -634,6 +637,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self._logged_size: bool | None = None  # the first checkpoint's sizes go into the log once
 
         self.modules = algorithm.modules()
         self._check_algorithm()
@@ -739,15 +743,17 @@ class Trainer:
         for group, state in emas.items():
             save_file({k: _host_copy(v) for k, v in state.items()}, str(tmp / f"{group}_ema.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
+        optimizer_tensors: dict[str, torch.Tensor] = {}
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "optimizers": {g: _pack(o, tensors, f"optimizers.{g}") for g, o in optimizers.items()},
+            "optimizers": {g: _pack(o, optimizer_tensors, f"optimizers.{g}") for g, o in optimizers.items()},
             "data": _pack(self.data.state_dict(), tensors, "data"),
             "algorithm": _pack(self.algorithm.state_dict(), tensors, "algorithm"),
             "rng": _pack(_rng_state(), tensors, "rng"),
         }
         save_file(tensors, str(tmp / STATE_TENSORS))
+        save_file(optimizer_tensors, str(tmp / OPTIMIZER_TENSORS))
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
         for path in tmp.iterdir():
             _fsync(path)
@@ -758,6 +764,16 @@ class Trainer:
                        key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
         for old in steps[: -self.cfg.train.keep_last_ckpts]:
             shutil.rmtree(old)
+        # Only now that the new one is published may the older ones lose their optimizer state.
+        for old in steps[-self.cfg.train.keep_last_ckpts:-1]:
+            (old / OPTIMIZER_TENSORS).unlink(missing_ok=True)
+        if self._logged_size is None:
+            self._logged_size = True
+            full = sum(f.stat().st_size for f in self.last_checkpoint.iterdir())
+            kept = full - (self.last_checkpoint / OPTIMIZER_TENSORS).stat().st_size
+            tqdm.write(f"checkpoints: {full / 2**20:.0f} MB the newest, {kept / 2**20:.0f} MB each older one "
+                       f"(no optimizer state); train.keep_last_ckpts={self.cfg.train.keep_last_ckpts} keeps at most "
+                       f"{(full + kept * (self.cfg.train.keep_last_ckpts - 1)) / 2**20:.0f} MB")
 
     def _load_checkpoint(self, path: Path) -> None:
         """Rank 0 reads the files; each rank receives its shards (see :mod:`zimagekit.parallel`)."""
@@ -772,10 +788,15 @@ class Trainer:
             if missing:
                 raise ZImageKitError(f"checkpoint {path} lacks {', '.join(missing)} (the modules or ema.enabled "
                                      f"changed?); resume with the config it was written with or start a new run")
-            state = _unpack(json.loads((path / STATE_JSON).read_text()), load_file(str(path / STATE_TENSORS)))
-            if state["format"] != CHECKPOINT_FORMAT:
-                raise ZImageKitError(f"checkpoint {path} has format {state['format']}; this zimagekit reads "
+            saved = json.loads((path / STATE_JSON).read_text())
+            if saved["format"] != CHECKPOINT_FORMAT:
+                raise ZImageKitError(f"checkpoint {path} has format {saved['format']}; this zimagekit reads "
                                      f"format {CHECKPOINT_FORMAT}")
+            if not (path / OPTIMIZER_TENSORS).is_file():
+                raise ZImageKitError(f"checkpoint {path} keeps no optimizer state (only the newest checkpoint of a "
+                                     f"run does); resume from the newest, or load its weights with load_trained")
+            state = _unpack(saved, {**load_file(str(path / STATE_TENSORS)),
+                                    **load_file(str(path / OPTIMIZER_TENSORS))})
 
         parallel.on_main(read)
         try:
