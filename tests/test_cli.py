@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from zimagekit.cli import main
+from zimagekit.errors import ZImageKitError
 
 SIZE = ["-W", "96", "-H", "64", "--steps", "3"]
 
@@ -160,6 +161,10 @@ def test_help_explains_every_flag(capsys):
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["is not available"]),
         (["--strength", "0.5"], ["--strength needs --init-image"]),
         (["--steps", "three"], ["invalid int value"]),
+        (["-W", "0"], ["--width must be a positive number of pixels, got 0"]),
+        (["--cfg-scale", "nan"], ["--cfg-scale must be a finite number, got nan"]),
+        (["--cfg-truncation", "inf"], ["--cfg-truncation must be a finite number"]),
+        (["-s", str(2**64 - 1), "-b", "2"], ["--seed 18446744073709551615 is too large", "seed + 1"]),
     ],
 )
 def test_bad_flags(tiny_model_dir, tmp_path, capsys, extra, fragments):
@@ -186,6 +191,35 @@ def test_strength_outside_0_1(tiny_model_dir, tmp_path, capsys, strength):
         capsys,
     )
     assert_one_line_error(status, err, "--strength must be in (0, 1]")
+
+
+def test_a_prompt_file_with_a_prompt_too_long_for_the_model_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    """The tiny model's caption axis (axes_lens[0] = 256) places at most 224 padded caption
+    tokens; the second line is far longer, so no image is drawn, not even the first."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n" + "a very long prompt " * 100 + "\n", encoding="utf-8")
+    status, _, err = run(generate(tiny_model_dir, "--prompt-file", prompts, "-o", tmp_path / "o.png"), capsys)
+    assert_one_line_error(status, err, "prompt 2 of 2", "tokens with the chat template", "at most 224")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_batch_that_fails_midway_names_the_images_it_wrote(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import zimagekit.cli as cli
+
+    save = cli._save_image
+
+    def save_once(image, path, metadata):
+        if path.name.endswith("001.png"):
+            raise ZImageKitError(f"cannot write {path}: disk full")
+        save(image, path, metadata)
+
+    monkeypatch.setattr(cli, "_save_image", save_once)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n", encoding="utf-8")
+    status, _, err = run(generate(tiny_model_dir, "--prompt-file", prompts, "-o", tmp_path / "o.png"), capsys)
+    assert status == 2
+    assert err.splitlines() == [f"stopped after writing 1 of 2 images: {tmp_path / 'o_000.png'}",
+                                f"error: cannot write {tmp_path / 'o_001.png'}: disk full"]
 
 
 def test_empty_prompt_file(tiny_model_dir, tmp_path, capsys):

@@ -322,7 +322,18 @@ def _lora_spec(spec: str) -> tuple[Path, float]:
     return Path(path), scale
 
 
-def _check_numbers(args) -> None:
+def _check_numbers(args, images: int) -> None:
+    for flag, value in (("--cfg-scale", args.cfg_scale), ("--cfg-normalization", args.cfg_normalization),
+                        ("--cfg-truncation", args.cfg_truncation), ("--strength", args.strength)):
+        if value is not None and not math.isfinite(value):
+            raise ZImageKitError(f"{flag} must be a finite number, got {value}")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value < 1:
+            raise ZImageKitError(f"{flag} must be a positive number of pixels, got {value} (leave it out for the "
+                                 f"model's default)")
+    if args.seed > 2**64 - images:
+        raise ZImageKitError(f"--seed {args.seed} is too large: the {images} image(s) use seeds seed .. seed + "
+                             f"{images - 1}, and a seed is at most 2^64 - 1")
     if args.steps is not None and args.steps < 1:
         raise ZImageKitError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
@@ -338,6 +349,29 @@ def _check_numbers(args) -> None:
             raise ZImageKitError("--strength needs --init-image")
         if not 0 < args.strength <= 1:
             raise ZImageKitError(f"--strength must be in (0, 1], got {args.strength}")
+
+
+def _check_prompt_lengths(folder, prompts: list[str], max_sequence_length: int) -> None:
+    """Every prompt, chat-formatted and cut to ``max_sequence_length`` as the encoder will,
+    must fit the transformer's caption positions: checked with the tokenizer alone, before
+    any weights load, so a long prompt in a file never stops a batch halfway."""
+    if folder.max_caption_tokens is None:
+        return
+    from transformers import AutoTokenizer
+
+    from .text_encoder import chat_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(folder.component("tokenizer"))
+    lengths = [min(len(ids), max_sequence_length)
+               for ids in tokenizer([chat_prompt(tokenizer, p) for p in prompts]).input_ids]
+    limit = folder.max_caption_tokens
+    too_long = [(n, p, length) for n, (p, length) in enumerate(zip(prompts, lengths), 1) if length > limit]
+    if too_long:
+        n, prompt, length = too_long[0]
+        where = f"prompt {n} of {len(prompts)}" if len(prompts) > 1 else "the prompt"
+        raise ZImageKitError(f"{where} ({prompt[:40]!r}) is {length} tokens with the chat template, but this model "
+                             f"places at most {limit} (transformer axes_lens[0]); shorten it"
+                             + (f" ({len(too_long)} prompts are too long)" if len(too_long) > 1 else ""))
 
 
 def _open_init_image(path: Path):
@@ -365,7 +399,7 @@ def _save_image(image, path: Path, metadata) -> None:
 def _generate(args) -> int:
     # Cheap checks first, so a typo never waits for gigabytes of weights.
     prompts = _prompts(args)
-    _check_numbers(args)
+    _check_numbers(args, len(prompts) * max(args.num_images, 1))
     from .pipeline import default_model_folder
 
     model = args.model or default_model_folder()
@@ -398,6 +432,7 @@ def _generate(args) -> int:
     steps = args.steps if args.steps is not None else folder.defaults["num_inference_steps"]
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else folder.defaults["guidance_scale"]
     check_image_size(width, height, multiple)
+    _check_prompt_lengths(folder, prompts, args.max_sequence_length)
 
     seed = args.seed if args.seed >= 0 else random.SystemRandom().randrange(2**32)
     print(f"seed: {seed}")
@@ -417,44 +452,50 @@ def _generate(args) -> int:
             LoRA.load(pipe.transformer, path, scale).merge()
 
     model_name = folder.root.resolve().name
-    k = 0
-    for number, (prompt, embed) in enumerate(zip(prompts, embeds), start=1):
-        if len(prompts) > 1:
-            print(f"prompt {number}/{len(prompts)}: {prompt}")
-        seeds = [seed + k + j for j in range(args.num_images)]
-        images = pipe(
-            prompt_embeds=[embed],
-            negative_prompt_embeds=[negative] if use_cfg else None,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=cfg_scale,
-            cfg_normalization=args.cfg_normalization,
-            cfg_truncation=args.cfg_truncation,
-            num_images_per_prompt=args.num_images,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            init_image=init_image,
-            strength=strength,
-            progress=not args.no_progress,
-        )
-        for image, image_seed in zip(images, seeds):
-            info = GenerationInfo(
-                prompt=prompt,
-                negative_prompt=args.negative_prompt if use_cfg else "",
-                steps=steps,
-                cfg_scale=cfg_scale,
-                seed=image_seed,
-                width=width,
+    k = 0  # images written so far, in the order of paths
+    try:
+        for number, (prompt, embed) in enumerate(zip(prompts, embeds), start=1):
+            if len(prompts) > 1:
+                print(f"prompt {number}/{len(prompts)}: {prompt}")
+            seeds = [seed + k + j for j in range(args.num_images)]
+            images = pipe(
+                prompt_embeds=[embed],
+                negative_prompt_embeds=[negative] if use_cfg else None,
                 height=height,
-                model=model_name,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=cfg_scale,
                 cfg_normalization=args.cfg_normalization,
                 cfg_truncation=args.cfg_truncation,
-                strength=strength if init_image is not None else None,
-                loras=tuple(f"{path.stem}:{scale:g}" for path, scale in loras),
+                num_images_per_prompt=args.num_images,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                init_image=init_image,
+                strength=strength,
+                progress=not args.no_progress,
             )
-            _save_image(image, paths[k], None if args.no_metadata else png_info(info))
-            print(f"saved {paths[k]}")
-            k += 1
+            for image, image_seed in zip(images, seeds):
+                info = GenerationInfo(
+                    prompt=prompt,
+                    negative_prompt=args.negative_prompt if use_cfg else "",
+                    steps=steps,
+                    cfg_scale=cfg_scale,
+                    seed=image_seed,
+                    width=width,
+                    height=height,
+                    model=model_name,
+                    cfg_normalization=args.cfg_normalization,
+                    cfg_truncation=args.cfg_truncation,
+                    strength=strength if init_image is not None else None,
+                    loras=tuple(f"{path.stem}:{scale:g}" for path, scale in loras),
+                )
+                _save_image(image, paths[k], None if args.no_metadata else png_info(info))
+                print(f"saved {paths[k]}")
+                k += 1
+    except BaseException:
+        if k:
+            print(f"stopped after writing {k} of {len(paths)} images: {', '.join(map(str, paths[:k]))}",
+                  file=sys.stderr)
+        raise
     return 0
 
 
