@@ -34,6 +34,17 @@ def test_from_json_rejects_unknown_fields_by_name(tmp_path):
         S3DiTConfig.from_json(path)
 
 
+@pytest.mark.parametrize("field, value, words", [("dim", "256", 'must be an integer, got "256"'),
+                                                  ("qk_norm", 1, "must be true or false, got 1"),
+                                                  ("axes_lens", [1536, "512", 512], "must be a list of integers"),
+                                                  ("rope_theta", "256", 'must be a number, got "256"')])
+def test_from_json_names_a_field_of_the_wrong_type(tmp_path, field, value, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TURBO_CONFIG, field: value}))
+    with pytest.raises(ZImageKitError, match=f"field '{field}' {words}"):
+        S3DiTConfig.from_json(path)
+
+
 def test_config_rejects_axes_that_do_not_fill_the_head():
     with pytest.raises(ZImageKitError, match="axes_dims"):
         S3DiTConfig(dim=64, n_heads=2, axes_dims=(8, 8, 8))

@@ -52,6 +52,22 @@ QK_NORM_EPS = 1e-5  # the reference hard-codes this, whatever norm_eps says
 # ----------------------------------------------------------------------------------------
 
 
+# JSON types of the config fields (annotations are strings under postponed evaluation).
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "tuple[int, ...]": "a list of integers"}
+
+
+def _has_type(value, annotation: str) -> bool:
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if annotation == "int":
+        return is_int(value)
+    if annotation == "float":
+        return is_int(value) or isinstance(value, float)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    return isinstance(value, (list, tuple)) and all(is_int(v) for v in value)
+
+
 @dataclass
 class S3DiTConfig:
     """Mirrors the fields of Z-Image-Turbo's ``transformer/config.json``."""
@@ -80,8 +96,9 @@ class S3DiTConfig:
             raise ZImageKitError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if sum(self.axes_dims) != self.head_dim:
             raise ZImageKitError(
-                f"axes_dims {list(self.axes_dims)} sum to {sum(self.axes_dims)}, but the head "
-                f"dimension is dim/n_heads = {self.head_dim}; make them add up"
+                f"axes_dims {list(self.axes_dims)} sum to {sum(self.axes_dims)}, but the head dimension is "
+                f"dim/n_heads = {self.dim}/{self.n_heads} = {self.head_dim}; one of dim, n_heads and axes_dims "
+                "is wrong"
             )
         if any(d % 2 for d in self.axes_dims):
             raise ZImageKitError(f"every entry of axes_dims {list(self.axes_dims)} must be even (RoPE rotates pairs)")
@@ -114,6 +131,10 @@ class S3DiTConfig:
             raise ZImageKitError(
                 f"{source}: unknown field(s) {unknown}; S3DiTConfig accepts {sorted(known)}"
             )
+        for f in dataclasses.fields(cls):
+            if f.name in d and not _has_type(d[f.name], f.type):
+                raise ZImageKitError(f"{source}: field {f.name!r} must be {_TYPE_WORDS[f.type]}, got "
+                                     f"{json.dumps(d[f.name])}")
         return cls(**d)
 
     @classmethod
