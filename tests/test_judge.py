@@ -231,6 +231,19 @@ def test_cli_reads_metadata_and_png_text(tmp_path, capsys):
     assert (tmp_path / "other.jsonl").exists()
 
 
+def test_cli_names_an_unreadable_image_and_judges_the_others(tmp_path, capsys):
+    image, prompt = _scene("a red circle to the left of a blue square", CIRCLE, SQUARE)
+    _save_png(tmp_path / "0.png", image, prompt)
+    (tmp_path / "1.png").write_bytes(b"not a png at all")
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 file(s) that are not readable images: 1.png" in out
+    assert [json.loads(line)["file_name"] for line in (tmp_path / "results.jsonl").read_text().splitlines()] == ["0.png"]
+    (tmp_path / "0.png").write_bytes(b"broken too")
+    assert main([str(tmp_path)]) == 2
+    assert "none of the 2 .png files" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setup, message", [
     ("missing", "no such folder"),
     ("empty", "no .png images"),

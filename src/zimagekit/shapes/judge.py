@@ -307,13 +307,15 @@ def _read_metadata(path: Path) -> dict[str, dict]:
     return entries
 
 
-def load_folder(folder) -> list[tuple]:
+def load_folder(folder, unreadable: list[str] | None = None) -> list[tuple]:
     """``(image, prompt, ids)`` for every PNG in ``folder``, sorted by file name.
 
     The prompt comes from ``metadata.jsonl`` if it lists the file (its other fields become
-    ids), else from the first line of the PNG's ``parameters`` text chunk.
+    ids), else from the first line of the PNG's ``parameters`` text chunk. A file that cannot
+    be read as an image is skipped, and its name appended to ``unreadable``; a folder with no
+    readable image at all is an error.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -327,10 +329,16 @@ def load_folder(folder) -> list[tuple]:
         raise ZImageKitError(f"{meta_path} names images that are not in the folder: {', '.join(missing[:3])}")
     samples = []
     for path in files:
-        with Image.open(path) as im:
-            im.load()
-            image = np.asarray(im.convert("RGB"))
-            text = metadata[path.name]["prompt"] if path.name in metadata else im.info.get("parameters", "")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = np.asarray(im.convert("RGB"))
+                info = im.info
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            if unreadable is not None:
+                unreadable.append(path.name)
+            continue
+        text = metadata[path.name]["prompt"] if path.name in metadata else info.get("parameters", "")
         text = text.split("\n", 1)[0].strip()
         if not text:
             raise ZImageKitError(f"{path}: no prompt (add it to metadata.jsonl or the PNG 'parameters' text chunk)")
@@ -340,6 +348,8 @@ def load_folder(folder) -> list[tuple]:
             raise ZImageKitError(f"{path.name}: {e}") from None
         ids = {k: v for k, v in metadata.get(path.name, {}).items() if k != "prompt"}
         samples.append((image, prompt, {**ids, "file_name": path.name}))
+    if not samples:
+        raise ZImageKitError(f"none of the {len(files)} .png files in {folder} can be read as an image")
     return samples
 
 
@@ -372,8 +382,9 @@ def main(argv=None) -> int:
         "default: FOLDER/results.jsonl",
     )
     args = parser.parse_args(argv)
+    unreadable: list[str] = []
     try:
-        report = evaluate(load_folder(args.folder))
+        report = evaluate(load_folder(args.folder, unreadable))
         output = args.output or args.folder / "results.jsonl"
         try:
             report.write_jsonl(output)
@@ -383,5 +394,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())
+    if unreadable:
+        print(f"skipped {len(unreadable)} file(s) that are not readable images: {', '.join(unreadable)}")
     print(f"per-image results: {output}")
     return 0
