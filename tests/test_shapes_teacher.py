@@ -89,6 +89,12 @@ def test_train_export_and_evaluate(trained, tmp_path):
                                                               "grid.png"}
 
 
+def test_no_scenes_is_a_one_line_error(tmp_path, capsys):
+    assert teacher.main(["train", "data.scenes=0", f"run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: data.scenes must be >= 1 and data.seed >= 0, got 0 and 0"
+
+
 def test_mismatched_caption_width_is_named(encoders, tmp_path):
     cfg = tiny_config(encoders, tmp_path)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cap_feat_dim=32))

@@ -52,6 +52,10 @@ class DataSection:
     seed: int = 0
     cache_dir: str = "runs/cache"
 
+    def __post_init__(self):
+        if self.scenes < 1 or self.seed < 0:
+            raise ZImageKitError(f"data.scenes must be >= 1 and data.seed >= 0, got {self.scenes} and {self.seed}")
+
 
 @dataclass
 class TeacherSection:
