@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ZImageKitError
-from .s3dit import SEQ_MULTI_OF, S3DiT
+from .s3dit import S3DiT, max_caption_tokens
 from .sampling import (
     ScheduleConfig,
     add_noise,
@@ -159,8 +159,7 @@ class ModelFolder:
     root: Path
     image_multiple: int
     vae_force_upcast: bool = True  # the VAE runs in fp32 whatever the pipeline dtype
-    # Caption tokens the transformer can place: its RoPE axis 0 (axes_lens[0]) holds the
-    # caption, padded to a multiple of 32 at positions 1.., then the image frames after it.
+    # The longest caption the transformer can place (s3dit.max_caption_tokens of axes_lens[0]).
     max_caption_tokens: int | None = None
     # Sampling defaults the folder records (model_index.json "_zimagekit_defaults", which
     # diffusers ignores); a model without them gets Turbo's.
@@ -203,8 +202,7 @@ class ModelFolder:
                 raise ZImageKitError(f"{root}: {what}; the components come from different models")
         multiple = vae_downsampling(vae.get("block_out_channels", [0] * 4)) * transformer.get("all_patch_size", [2])[0]
         axes_lens = transformer.get("axes_lens")
-        # Padded caption length c needs positions 1..c and one frame after it: c <= axes_lens[0] - 2.
-        max_caption = (axes_lens[0] - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF if isinstance(axes_lens, list) else None
+        max_caption = max_caption_tokens(axes_lens[0]) if isinstance(axes_lens, list) and axes_lens else None
         return cls(root, multiple, vae_force_upcast=vae.get("force_upcast", True),
                    defaults={**TURBO_DEFAULTS, **defaults}, max_caption_tokens=max_caption)
 

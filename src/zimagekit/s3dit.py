@@ -365,6 +365,13 @@ def _round_up(n):
     return n + (-n) % SEQ_MULTI_OF
 
 
+def max_caption_tokens(caption_axis_len: int) -> int:
+    """The longest caption a model with ``axes_lens[0] = caption_axis_len`` can place: padded
+    to c tokens (a multiple of 32) it takes RoPE positions 1..c, and the first image frame
+    c + 1 (see :func:`build_layout`), all below ``caption_axis_len``."""
+    return (caption_axis_len - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF
+
+
 @dataclass
 class _Layout:
     """Everything about a batch that depends only on its shapes, built once per shape.

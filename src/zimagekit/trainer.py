@@ -637,7 +637,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self._logged_size: bool | None = None  # the first checkpoint's sizes go into the log once
+        self._sizes_logged = False  # the first checkpoint's sizes go into the log once
 
         self.modules = algorithm.modules()
         self._check_algorithm()
@@ -767,8 +767,8 @@ class Trainer:
         # Only now that the new one is published may the older ones lose their optimizer state.
         for old in steps[-self.cfg.train.keep_last_ckpts:-1]:
             (old / OPTIMIZER_TENSORS).unlink(missing_ok=True)
-        if self._logged_size is None:
-            self._logged_size = True
+        if not self._sizes_logged:
+            self._sizes_logged = True
             full = sum(f.stat().st_size for f in self.last_checkpoint.iterdir())
             kept = full - (self.last_checkpoint / OPTIMIZER_TENSORS).stat().st_size
             tqdm.write(f"checkpoints: {full / 2**20:.0f} MB the newest, {kept / 2**20:.0f} MB each older one "
