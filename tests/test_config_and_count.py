@@ -103,3 +103,10 @@ def test_forward_flops_agree_with_torchs_flop_counter():
     measured = counter.get_total_flops()
     # Left out of the formula: the timestep MLP and the final layer's adaLN (tiny GEMMs).
     assert abs(forward_flops(cfg, [60, 60], [40, 40]) - measured) / measured < 0.01
+
+
+def test_image_tokens_are_latent_cells_over_the_patch():
+    turbo = S3DiTConfig.preset("z-image-turbo")
+    assert turbo.image_tokens(128, 128) == 4096  # 1024² px: 8x VAE, then 2x2 patches
+    assert turbo.image_tokens(96, 160) == 48 * 80  # 768x1280 px
+    assert turbo.image_tokens(8, 8, frames=3) == 3 * 16

@@ -114,7 +114,7 @@ def layout_table(config: S3DiTConfig, caption_tokens: int, width: int, height: i
     """Token counts, position ids and the head-dim slice each RoPE axis rotates."""
     p = config.all_patch_size[0]
     hl, wl = height // vae_factor // p, width // vae_factor // p
-    n_img, n_cap = hl * wl, caption_tokens
+    n_img, n_cap = config.image_tokens(height // vae_factor, width // vae_factor), caption_tokens
     cap_pad, img_pad = _round_up(n_cap) - n_cap, _round_up(n_img) - n_img
     cp = _round_up(n_cap)
     lines = [

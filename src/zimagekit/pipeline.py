@@ -517,7 +517,7 @@ class ZImagePipeline:
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        image_seq_len = (shape[2] // 2) * (shape[3] // 2)
+        image_seq_len = self.transformer.config.image_tokens(shape[2], shape[3])
         sigmas = get_sigmas(num_inference_steps, self.schedule, image_seq_len)
         if images is not None:
             sigmas = sigmas[img2img_start(num_inference_steps, strength) :]

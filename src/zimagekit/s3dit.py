@@ -119,6 +119,12 @@ class S3DiTConfig:
     def adaln_dim(self) -> int:
         return min(self.dim, ADALN_EMBED_DIM)
 
+    def image_tokens(self, height: int, width: int, frames: int = 1) -> int:
+        """Image tokens of a latent of ``frames`` x ``height`` x ``width`` cells at the default
+        patch size (before padding to 32): the sequence length the resolution shift reads."""
+        p, pf = self.all_patch_size[0], self.all_f_patch_size[0]
+        return frames // pf * (height // p) * (width // p)
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "S3DiTConfig":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -254,10 +254,8 @@ class DecoupledDMD(Algorithm):
         self.latent_shape = tuple(latent_shape)
         self.empty_caption = empty_caption
         self.sampler = sampler
-        cfg = teacher.config
         _, frames, h, w = self.latent_shape
-        tokens = frames // cfg.all_f_patch_size[0] * (h // cfg.all_patch_size[0]) * (w // cfg.all_patch_size[0])
-        self.sigmas = get_sigmas(distill.student_steps, distill.schedule, tokens)
+        self.sigmas = get_sigmas(distill.student_steps, distill.schedule, teacher.config.image_tokens(h, w, frames))
         # τ_CA ~ U(max(t, tau_min), tau_max) must be a real interval at every student step.
         cleanest = float(time_from_sigma(self.sigmas[-2]))
         if any(MODES[distill.mode].values()) and cleanest >= distill.tau_max:

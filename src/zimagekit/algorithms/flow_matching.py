@@ -69,18 +69,18 @@ class FlowMatching(Algorithm):
 
     def training_step(self, batch, step):
         x0, captions = batch["latents"], list(batch["captions"])
-        p = self.model.config.all_patch_size[0]
+        tokens = lambda latent: self.model.config.image_tokens(*latent.shape[-2:], latent.shape[-3])  # (C, F, H, W)
         rank, world = self.data_parallel
         mine = slice(rank * len(x0), (rank + 1) * len(x0))
         if torch.is_tensor(x0):
-            seq = [x0.shape[-2] * x0.shape[-1] // p**2] * len(x0)
+            seq = [tokens(x0[0])] * len(x0)
             sigma = training_sigmas(world * len(x0), self.flow.schedule, seq[0], self.flow.logit_mean,
                                     self.flow.logit_std)[mine]
         else:  # mixed sizes (aspect buckets): each sample is shifted by its own token count
             if world > 1:
                 raise ZImageKitError("a batch of mixed-size latents cannot be split over processes; give each "
                                      "batch one size (aspect buckets) for data-parallel training")
-            seq = [xi.shape[-2] * xi.shape[-1] // p**2 for xi in x0]
+            seq = [tokens(xi) for xi in x0]
             sigma = torch.cat([training_sigmas(1, self.flow.schedule, n, self.flow.logit_mean, self.flow.logit_std) for n in seq])
         drop = (torch.rand(world * len(captions)) < self.flow.caption_dropout)[mine]
         captions = [self.empty_caption if d else c for c, d in zip(captions, drop.tolist())]

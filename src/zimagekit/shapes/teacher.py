@@ -224,9 +224,7 @@ def train(cfg: TeacherConfig) -> Path:
         raise ZImageKitError(f"model.in_channels={cfg.model.in_channels} but the VAE has {vae.config.latent_channels} "
                              f"latent channels; set model.in_channels={vae.config.latent_channels}")
     encoded = {k: v.to(device) for k, v in encode_scenes(cfg.data, vae, text).items()}
-    latent_hw = encoded["latents"].shape[-2:]
-    p = cfg.model.all_patch_size[0]
-    tokens = (latent_hw[0] * latent_hw[1] // p**2, int(encoded["caption_lengths"].float().mean()))
+    tokens = (cfg.model.image_tokens(*encoded["latents"].shape[-2:]), int(encoded["caption_lengths"].float().mean()))
     model = build_transformer(cfg).to(device)
     sampler = make_sampler(vae, text, cfg.flow.schedule, cfg.teacher.steps, cfg.teacher.guidance_scale)
     # forward_flops counts S3-DiT's layout; the dual-stream run logs no MFU.
