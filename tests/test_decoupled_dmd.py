@@ -456,6 +456,20 @@ def test_train_command_records_the_resolved_run(distill_run):
     assert "loss/student" in header and "loss/fake_score" in header
 
 
+def test_the_training_grid_is_what_the_exported_student_draws(distill_run):
+    """The step-4 sample grid (EMA weights) holds, tile for tile, the images the run's student
+    pipeline (what export writes, before its bf16 cast) draws for the same prompts and seeds."""
+    import numpy as np
+    from PIL import Image
+
+    pipe = dd.student_pipeline(distill_run)
+    images = pipe(["a red circle"] * 2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], progress=False)
+    grid = np.asarray(Image.open(distill_run / "samples" / "step_0000004.png").convert("RGB"))
+    assert grid.shape == (32, 64, 3)
+    for i, image in enumerate(images):
+        assert np.array_equal(grid[:, 32 * i: 32 * (i + 1)], np.asarray(image))
+
+
 def test_export_writes_the_ema_student_as_a_few_step_folder(distill_run, tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 

@@ -352,21 +352,18 @@ class DecoupledDMD(Algorithm):
 
 
 @torch.no_grad()
-def generate(model: S3DiT, pipe, prompts: list[str], seeds: list[int], sigmas: torch.Tensor, height: int,
-             width: int) -> list:
-    """One image per (prompt, seed) from the N-step student, sampled as it was trained: predict
-    x̂, re-noise to the next σ with fresh noise (DMD2), N times, then decode with ``pipe``'s
-    VAE. The start noise is what ``ZImagePipeline`` draws for that seed; the re-noise draws
-    continue from the same generator, so an image depends on its seed alone."""
-    captions = pipe.encode_prompt(prompts)
-    f = pipe.vae_scale_factor
-    images = []
-    for caption, seed in zip(captions, seeds):
-        gen = torch.Generator().manual_seed(seed)
-        noise = _randn((1, model.config.in_channels, height // f, width // f), pipe.device, gen).unsqueeze(2)
-        x0 = backward_simulation(model, noise, sigmas, [caption], len(sigmas) - 1, gen)
-        images += pipe.decode(x0.squeeze(2))
-    return images
+def as_student_pipeline(student: S3DiT, teacher_pipe, cfg: DistillConfig):
+    """``student`` in a pipeline with the teacher's text encoder and VAE, whose schedule is the
+    student's and whose defaults are N steps, guidance 0 (the student has CFG distilled in),
+    sampled stochastically like backward simulation (x̂ re-noised with fresh noise at each
+    step, the noise drawn from each image's own generator): the one place a student is
+    sampled, by the training grid, evaluation and :func:`export` alike."""
+    from ..pipeline import ZImagePipeline
+
+    defaults = {"num_inference_steps": cfg.distill.student_steps, "guidance_scale": 0.0,
+                "height": cfg.data.height, "width": cfg.data.width}
+    schedule = replace(cfg.distill.schedule, stochastic_sampling=True)
+    return ZImagePipeline(student, teacher_pipe.vae, teacher_pipe.text_encoder, schedule, defaults=defaults)
 
 
 # ----------------------------------------------------------------------------------------
@@ -414,7 +411,8 @@ def train(cfg: DistillConfig) -> Path:
     latent_shape = (cfg.model.in_channels, 1, cfg.data.height // f, cfg.data.width // f)
 
     def sampler(model, prompts, seeds):
-        return generate(model, pipe, prompts, seeds, algorithm.sigmas, cfg.data.height, cfg.data.width)
+        return as_student_pipeline(model, pipe, cfg)(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                                     progress=False)
 
     algorithm = DecoupledDMD(pipe.transformer, cfg.distill, latent_shape, pipe.encode_prompt([""])[0], sampler)
     trainer = Trainer(cfg, algorithm, prompt_source(pipe, cfg.data, cfg.train.batch_size))
@@ -423,23 +421,16 @@ def train(cfg: DistillConfig) -> Path:
 
 
 def student_pipeline(run_dir: Path, use_ema: bool = True):
-    """The run's latest student (EMA weights by default) in a pipeline with the teacher folder's
-    text encoder and VAE, whose schedule is the student's and whose defaults are N steps,
-    guidance 0 (the student has CFG distilled in), sampled stochastically like backward
-    simulation: what :func:`export` writes, and what evaluation samples each checkpoint with."""
+    """The run's latest student (EMA weights by default) as :func:`as_student_pipeline` samples
+    it: what :func:`export` writes, and what evaluation samples each checkpoint with."""
     from ..pipeline import ZImagePipeline
 
     if not (run_dir / "config.yaml").is_file():
         raise ZImageKitError(f"{run_dir}: not a distillation run (config.yaml is missing)")
     cfg = load_config(DistillConfig, run_dir / "config.yaml")
-    pipe = ZImagePipeline.from_pretrained(cfg.data.teacher)
     student = S3DiT(cfg.model).requires_grad_(False).eval()
     load_trained(run_dir, "student", student, use_ema)
-    defaults = {"num_inference_steps": cfg.distill.student_steps, "guidance_scale": 0.0,
-                "height": cfg.data.height, "width": cfg.data.width}
-    # The student is sampled as it was trained: x̂ re-noised with fresh noise at each step.
-    schedule = replace(cfg.distill.schedule, stochastic_sampling=True)
-    return ZImagePipeline(student, pipe.vae, pipe.text_encoder, schedule, defaults=defaults)
+    return as_student_pipeline(student, ZImagePipeline.from_pretrained(cfg.data.teacher), cfg)
 
 
 def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
