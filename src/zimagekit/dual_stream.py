@@ -46,40 +46,20 @@ class DualStreamBlock(nn.Module):
 
 class DualStreamDiT(S3DiT):
     """S3-DiT's embedders, pad tokens, token layout and final layer around ``n_layers``
-    dual-stream blocks; same call as :class:`S3DiT`."""
+    dual-stream blocks; same call as :class:`S3DiT`, whose :meth:`~S3DiT.trunk` alone it
+    replaces."""
 
     def __init__(self, config: S3DiTConfig):
         super().__init__(config)
         del self.noise_refiner, self.context_refiner, self.layers
         self.layers = nn.ModuleList([DualStreamBlock(config) for _ in range(config.n_layers)])
 
-    def forward(self, x, t, cap_feats, patch_size: int | None = None, f_patch_size: int | None = None):
-        cfg = self.config
-        p = cfg.all_patch_size[0] if patch_size is None else patch_size
-        pf = cfg.all_f_patch_size[0] if f_patch_size is None else f_patch_size
-        batched = torch.is_tensor(x)
-        t = torch.as_tensor(t, device=(x if batched else x[0]).device).expand(len(x))
-        self._check_inputs(x, t, cap_feats, p, pf)
-        B = len(x)
-        dtype = x.dtype if batched else x[0].dtype
-        grids = [(xi.shape[1] // pf, xi.shape[2] // p, xi.shape[3] // p) for xi in x]
-        cap_lens = [ci.shape[0] for ci in cap_feats]
-        lay = self._layout(grids, cap_lens, x.device if batched else x[0].device)
-        c = self.t_embedder(t * cfg.t_scale).to(dtype)
-
-        patches = self.patchify(x, p, pf).flatten(0, 1) if batched else torch.cat([self.patchify(xi, p, pf) for xi in x])
-        img = torch.cat([self.all_x_embedder[f"{p}-{pf}"](patches), self.x_pad_token.to(dtype)])[lay.img_gather]
-        caps = cap_feats.flatten(0, 1) if torch.is_tensor(cap_feats) else torch.cat(list(cap_feats))
-        cap = torch.cat([self.cap_embedder(caps), self.cap_pad_token.to(dtype)])[lay.cap_gather]
-        img, cap = img.view(B, -1, cfg.dim), cap.view(B, -1, cfg.dim)
+    def trunk(self, img, cap, c, lay):
+        """Dual-stream blocks over both streams, joint attention; the image rows' hidden states."""
         mask = self._joint_mask(lay, img.shape[1], cap.shape[1])
         for block in self.layers:
             img, cap = block(img, cap, lay.img_rope, lay.cap_rope, mask, c)
-
-        out = self.all_final_layer[f"{p}-{pf}"](img[:, : max(lay.img_tokens)], c)
-        if batched:
-            return self.unpatchify(out, grids[0], p, pf, cfg.in_channels)
-        return [self.unpatchify(o[:n], g, p, pf, cfg.in_channels) for o, n, g in zip(out, lay.img_tokens, grids)]
+        return img[:, : max(lay.img_tokens)]
 
     @staticmethod
     def _joint_mask(lay, Lx: int, Lc: int):

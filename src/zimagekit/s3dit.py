@@ -592,9 +592,18 @@ class S3DiT(nn.Module):
                 raise ZImageKitError(f"each caption must be (L>0, {cfg.cap_feat_dim}); got {tuple(ci.shape)}")
 
     def forward(self, x, t, cap_feats, patch_size: int | None = None, f_patch_size: int | None = None):
+        """:meth:`embed`, :meth:`trunk`, :meth:`head`: a variant of the block structure (such as
+        :class:`~zimagekit.dual_stream.DualStreamDiT`) replaces the trunk alone."""
         cfg = self.config
         p = cfg.all_patch_size[0] if patch_size is None else patch_size
         pf = cfg.all_f_patch_size[0] if f_patch_size is None else f_patch_size
+        img, cap, c, lay = self.embed(x, t, cap_feats, p, pf)
+        return self.head(self.trunk(img, cap, c, lay), c, lay, torch.is_tensor(x), p, pf)
+
+    def embed(self, x, t, cap_feats, p: int, pf: int):
+        """Check the inputs and lay out the batch; return the padded image stream (B, Lx, dim)
+        and caption stream (B, Lc, dim), embedded, the timestep vector c and the layout."""
+        cfg = self.config
         batched = torch.is_tensor(x)
         t = torch.as_tensor(t, device=(x if batched else x[0]).device)
         if t.ndim == 0:
@@ -603,38 +612,42 @@ class S3DiT(nn.Module):
         B = len(x)
         device, dtype = (x.device, x.dtype) if batched else (x[0].device, x[0].dtype)
         grids = [(xi.shape[1] // pf, xi.shape[2] // p, xi.shape[3] // p) for xi in x]
-        cap_lens = [ci.shape[0] for ci in cap_feats]
-        lay = self._layout(grids, cap_lens, device)
-
+        lay = self._layout(grids, [ci.shape[0] for ci in cap_feats], device)
         c = self.t_embedder(t * cfg.t_scale).to(dtype)
-
-        # Image stream: patchify, embed real rows, gather into the padded (B, Lx, dim) stream.
+        # Image stream: patchify, embed real rows, gather into the padded stream.
         patches = self.patchify(x, p, pf).flatten(0, 1) if batched else torch.cat([self.patchify(xi, p, pf) for xi in x])
         rows = torch.cat([self.all_x_embedder[f"{p}-{pf}"](patches), self.x_pad_token.to(dtype)])
         img = rows[lay.img_gather].view(B, -1, cfg.dim)
-        for block in self.noise_refiner:
-            img = self._run(block, img, lay.img_rope, lay.img_mask, c)
-
-        # Caption stream: RMSNorm + Linear, pads become cap_pad_token; unmodulated refiner.
+        # Caption stream: RMSNorm + Linear, pads become cap_pad_token.
         caps = cap_feats.flatten(0, 1) if torch.is_tensor(cap_feats) else torch.cat(list(cap_feats))
         rows = torch.cat([self.cap_embedder(caps), self.cap_pad_token.to(dtype)])
         cap = rows[lay.cap_gather].view(B, -1, cfg.dim)
+        return img, cap, c, lay
+
+    def trunk(self, img, cap, c, lay):
+        """The noise refiner (modulated) on the image stream, the context refiner (unmodulated)
+        on the caption stream, then the single stream over per-sample [image, caption] tokens;
+        returns the image rows' hidden states (the caption outputs would be discarded)."""
+        for block in self.noise_refiner:
+            img = self._run(block, img, lay.img_rope, lay.img_mask, c)
         for block in self.context_refiner:
             cap = self._run(block, cap, lay.cap_rope, lay.cap_mask, None)
-
-        # Unified single stream: per sample [image tokens, caption tokens].
+        B = len(lay.img_tokens)
         if lay.uni_gather is None:
             h = torch.cat([img, cap], dim=1)
         else:
-            h = torch.cat([img.flatten(0, 1), cap.flatten(0, 1)])[lay.uni_gather].view(B, -1, cfg.dim)
+            h = torch.cat([img.flatten(0, 1), cap.flatten(0, 1)])[lay.uni_gather].view(B, -1, self.config.dim)
         for block in self.layers:
             h = self._run(block, h, lay.uni_rope, lay.uni_mask, c)
+        return h[:, : max(lay.img_tokens)]
 
-        # Final layer on image tokens only (the caption outputs would be discarded).
-        out = self.all_final_layer[f"{p}-{pf}"](h[:, : max(lay.img_tokens)], c)
+    def head(self, h, c, lay, batched: bool, p: int, pf: int):
+        """The final layer on the image rows, unpatchified to latents of the input's form."""
+        out = self.all_final_layer[f"{p}-{pf}"](h, c)
+        channels = self.config.in_channels
         if batched:
-            return self.unpatchify(out, grids[0], p, pf, cfg.in_channels)
-        return [self.unpatchify(o[:n], g, p, pf, cfg.in_channels) for o, n, g in zip(out, lay.img_tokens, grids)]
+            return self.unpatchify(out, lay.img_grid[0], p, pf, channels)
+        return [self.unpatchify(o[:n], g, p, pf, channels) for o, n, g in zip(out, lay.img_tokens, lay.img_grid)]
 
     def _run(self, block, h, rope, mask, c):
         if self.gradient_checkpointing and torch.is_grad_enabled():
