@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from . import parallel
 from .datasets import ImageCaptionDataset, fit_to_bucket, nearest_bucket
 from .fileio import atomic_write
+from .vae_codec import scale_latents, to_vae_input
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def _encode_shard(dataset, indices, vae, text_encoder, enhancer, buckets, max_se
                 chunk = members[start:start + ENCODE_BATCH]
                 pixels = torch.stack([torch.from_numpy(np.array(fit_to_bucket(im, bucket), dtype=np.uint8))
                                       for _, _, im in chunk]).permute(0, 3, 1, 2)
-                x = pixels.to(device, vae.dtype) / 127.5 - 1
-                z = (vae.encode(x).latent_dist.mean.float() - cfg.shift_factor) * cfg.scaling_factor
+                x = to_vae_input(pixels).to(device, vae.dtype)
+                z = scale_latents(vae.encode(x).latent_dist.mean.float(), cfg)
                 for (k, i, _), zk in zip(chunk, z):
                     tensors[f"latents.{k}"] = zk.unsqueeze(1).cpu().clone(memory_format=torch.contiguous_format)  # own storage: safetensors refuses shared
                     tensors[f"captions.{k}"] = features[k].float().cpu().clone(memory_format=torch.contiguous_format)  # repeated captions share one tensor

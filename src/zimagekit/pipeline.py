@@ -41,6 +41,7 @@ from .sampling import (
     time_from_sigma,
 )
 from .text_encoder import Qwen3TextEncoder
+from .vae_codec import from_vae_output, scale_latents, to_uint8, to_vae_input, unscale_latents
 
 __all__ = ["ModelFolder", "ZImagePipeline", "check_image_size", "load_text_encoder", "resolve_device", "resolve_dtype"]
 
@@ -595,15 +596,14 @@ class ZImagePipeline:
         images = []
         with self._on_device(self.vae):
             for z in latents.split(1):
-                z = z.to(self.device, self.vae.dtype) / config.scaling_factor + config.shift_factor
-                images.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+                z = unscale_latents(z.to(self.device, self.vae.dtype), config)
+                images.append(from_vae_output(self.vae.decode(z).sample))
         images = torch.cat(images)
         if output_type == "pt":
             return images
         from PIL import Image
 
-        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(p) for p in pixels]
+        return [Image.fromarray(p) for p in to_uint8(images)]
 
     def _encode_images(self, images, width, height, batch, per_prompt, generators) -> torch.Tensor:
         """Init images → clean latents, one row per output image.
@@ -622,7 +622,7 @@ class ZImagePipeline:
             if image.size != (width, height):
                 image = image.resize((width, height), resample=Image.LANCZOS)
             pixels.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
-        pixels = torch.stack(pixels).to(self.device, torch.float32) / 255.0 * 2 - 1
+        pixels = to_vae_input(torch.stack(pixels)).to(self.device)
         config = self.vae.config
         with self._on_device(self.vae):
             posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
@@ -635,7 +635,7 @@ class ZImagePipeline:
         else:
             eps = torch.randn(mean.shape, generator=generators).to(self.device)
             z = (mean + std * eps)[owner]
-        return (z - config.shift_factor) * config.scaling_factor
+        return scale_latents(z, config)
 
 
 # ---------------------------------------------------------------------------------------------

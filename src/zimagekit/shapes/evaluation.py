@@ -36,6 +36,7 @@ import torch
 
 from ..errors import ZImageKitError, exit_code
 from ..trainer import _image_grid, load_trained
+from ..vae_codec import from_vae_output, to_uint8, to_vae_input
 from . import world
 from .judge import Report, evaluate as judge_evaluate, to_rgb
 
@@ -98,11 +99,9 @@ def vae_round_trip(vae, samples, batch: int = 64):
     out = []
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        x = torch.from_numpy(np.stack([to_rgb(im) for im, *_ in chunk])).permute(0, 3, 1, 2)
-        x = x.to(vae.device, vae.dtype) / 127.5 - 1
-        y = (vae.decode(vae.encode(x).latent_dist.mean).sample.float() / 2 + 0.5).clamp(0, 1)
-        pixels = (y * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        out += [(p, *rest) for p, (_, *rest) in zip(pixels, chunk)]
+        x = to_vae_input(torch.from_numpy(np.stack([to_rgb(im) for im, *_ in chunk])).permute(0, 3, 1, 2))
+        y = from_vae_output(vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample)
+        out += [(p, *rest) for p, (_, *rest) in zip(to_uint8(y), chunk)]
     return out
 
 

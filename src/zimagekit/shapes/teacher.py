@@ -34,6 +34,7 @@ from ..errors import ZImageKitError, exit_code
 from ..runconfig import add_run_commands, load_config
 from ..s3dit import S3DiT
 from ..trainer import IndexDataSource, Trainer, load_trained, seed_everything
+from ..vae_codec import scale_latents, to_vae_input
 from ..fileio import atomic_folder, atomic_write
 from . import world
 from .evaluation import data_eval_set, evaluate, format_metrics, learning_curve, measure, write_curves
@@ -168,9 +169,8 @@ def encode_scenes(data: DataSection, vae, text, batch: int = 64) -> dict[str, to
     cfg = vae.config
     latents = []
     for i in range(0, len(pixels), batch):
-        x = torch.from_numpy(pixels[i : i + batch]).permute(0, 3, 1, 2).to(vae.device, torch.float32) / 127.5 - 1
-        z = vae.encode(x).latent_dist.mean
-        latents.append(((z - cfg.shift_factor) * cfg.scaling_factor).cpu())
+        x = to_vae_input(torch.from_numpy(pixels[i : i + batch]).permute(0, 3, 1, 2)).to(vae.device)
+        latents.append(scale_latents(vae.encode(x).latent_dist.mean, cfg).cpu())
     out = {
         "latents": torch.cat(latents).contiguous(),
         "caption_index": torch.tensor([which[c] for c in scene_captions]),

@@ -39,6 +39,7 @@ from ..errors import ZImageKitError, exit_code
 from ..fileio import atomic_folder
 from ..runconfig import add_run_commands, load_config
 from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, _require, load_trained, seed_everything
+from ..vae_codec import to_vae_input
 from . import world
 from .judge import Report, evaluate as judge_evaluate
 
@@ -107,7 +108,7 @@ def build_vae(section: VAESection):
 
 def to_model_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) → float (N, 3, H, W) in [-1, 1], the range diffusers' VAEs take."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_vae_input(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
