@@ -49,6 +49,7 @@ from ..sampling import (
     add_noise,
     cfg_combine,
     get_sigmas,
+    sample_euler,
     sigma_from_time,
     time_from_sigma,
     velocity,
@@ -200,16 +201,18 @@ def _dmd_scale(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def backward_simulation(model, noise: torch.Tensor, sigmas: torch.Tensor, captions, steps: int,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """The latent at ``sigmas[steps]`` that the N-step sampler reaches from ``noise`` (at
-    sigmas[0] = 1): ``steps`` times, predict x̂ with ``model`` and re-noise it to the next
-    level with fresh noise (DMD2 ``sample_backward``). ``steps = 0`` is the noise itself;
-    ``steps = N`` is the finished sample, because re-noising to σ = 0 returns x̂ exactly.
-    Fresh noise comes from ``generator`` (default: torch's global RNG)."""
-    x = noise
-    for i in range(steps):
-        x0 = denoise(model, x, sigmas[i].expand(len(x)), captions)
-        x = add_noise(x0, _randn(x.shape, x.device, generator), sigmas[i + 1])
-    return x
+    """The latent at ``sigmas[steps]`` that the N-step student sampler reaches from ``noise`` (at
+    sigmas[0] = 1): the first ``steps`` steps of :func:`~zimagekit.sampling.sample_euler` with
+    fresh noise (predict x̂, re-noise it to the next level: DMD2's ``sample_backward``, and what
+    the exported student samples with). ``steps = 0`` is the noise itself; ``steps = N`` is the
+    finished sample, because re-noising to σ = 0 returns x̂ exactly. Fresh noise comes from
+    ``generator`` (default: torch's global RNG)."""
+
+    def velocity_of(x, sigma, i):
+        return model(x, time_from_sigma(sigma).expand(len(x)), captions).float()
+
+    return sample_euler(velocity_of, noise, sigmas[: steps + 1],
+                        fresh_noise=lambda i: _randn(noise.shape, noise.device, generator))
 
 
 @dataclass
