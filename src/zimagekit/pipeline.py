@@ -35,6 +35,7 @@ from .sampling import (
     add_noise,
     cfg_combine,
     cfg_scales,
+    cpu_randn,
     get_sigmas,
     img2img_start,
     sample_euler,
@@ -528,11 +529,11 @@ class ZImagePipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise ZImageKitError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         if images is None:
-            noise = latents if latents is not None else _randn(shape, generators)
+            noise = latents if latents is not None else cpu_randn(shape, generators)
             x = noise.to(self.device, torch.float32)
         else:
             x0 = self._encode_images(images, width, height, batch, num_images_per_prompt, generators)
-            noise = latents if latents is not None else _randn(shape, generators)
+            noise = latents if latents is not None else cpu_randn(shape, generators)
             x = add_noise(x0, noise.to(self.device, torch.float32), sigmas[0])
 
         x = self._denoise(
@@ -586,7 +587,7 @@ class ZImagePipeline:
             if self.schedule.stochastic_sampling:  # drawn on the CPU like the initial noise
 
                 def fresh_noise(i: int) -> torch.Tensor:
-                    return _randn(tuple(x.shape), generators).to(self.device)
+                    return cpu_randn(tuple(x.shape), generators, self.device)
 
             return sample_euler(velocity, x, sigmas, on_step, fresh_noise)
 
@@ -693,8 +694,3 @@ def _generators(generator, seed: int | None, batch: int):
     return generator
 
 
-def _randn(shape: tuple, generators) -> torch.Tensor:
-    """Standard normal float32 noise on the CPU, drawn per image when given one generator each."""
-    if isinstance(generators, list):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
-    return torch.randn(shape, generator=generators)

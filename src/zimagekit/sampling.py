@@ -236,6 +236,18 @@ def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalizatio
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+def cpu_randn(shape: tuple, generators=None, device=None) -> torch.Tensor:
+    """Standard normal float32 noise drawn on the CPU, so a seed gives the same numbers on any
+    device, then moved to ``device``. ``generators``: one ``torch.Generator``, a list with one
+    per image (each image's noise then depends on its own seed alone), or None for torch's
+    global RNG."""
+    if isinstance(generators, list):
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators])
+    else:
+        noise = torch.randn(shape, generator=generators)
+    return noise if device is None else noise.to(device)
+
+
 def sample_euler(
     model: VelocityFn,
     x: torch.Tensor,

@@ -48,6 +48,7 @@ from ..sampling import (
     ScheduleConfig,
     add_noise,
     cfg_combine,
+    cpu_randn,
     get_sigmas,
     sample_euler,
     sigma_from_time,
@@ -166,11 +167,6 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like).view(-1, *([1] * (like.ndim - 1)))
 
 
-def _randn(shape, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    # On the CPU, like the pipeline's noise, so a seed means the same numbers on any device.
-    return torch.randn(shape, generator=generator).to(device)
-
-
 def denoise(model, x: torch.Tensor, sigma: torch.Tensor, captions) -> torch.Tensor:
     """x̂0 of ``model`` at x_σ, in fp32: the S3-DiT takes t = 1 − σ and predicts v = x0 − ε,
     and x̂0 = x_σ + σ·v. ``sigma`` is (B,)."""
@@ -212,7 +208,7 @@ def backward_simulation(model, noise: torch.Tensor, sigmas: torch.Tensor, captio
         return model(x, time_from_sigma(sigma).expand(len(x)), captions).float()
 
     return sample_euler(velocity_of, noise, sigmas[: steps + 1],
-                        fresh_noise=lambda i: _randn(noise.shape, noise.device, generator))
+                        fresh_noise=lambda i: cpu_randn(noise.shape, generator, noise.device))
 
 
 @dataclass
@@ -277,7 +273,7 @@ class DecoupledDMD(Algorithm):
         # Backward simulation (DMD2 sample_backward): one k per batch, uniform over the N
         # steps; the student trains on what its own k-step rollout gives at σ_k.
         k = int(torch.randint(self.distill.student_steps, ()))
-        noise = _randn((len(captions), *self.latent_shape), device)
+        noise = cpu_randn((len(captions), *self.latent_shape), device=device)
         z = backward_simulation(self.student, noise, self.sigmas, captions, k)
         sigma = self.sigmas[k].expand(len(captions))
         # TTUR: trainer steps count from 1, so the student's m-th update is step m·K.
@@ -296,7 +292,7 @@ class DecoupledDMD(Algorithm):
         it is queried on. Conditional only: it is never asked for an unconditional x̂ (CFG
         α_fake = 1, as DMD2 asserts), so it gets no caption dropout."""
         sigma = sigma_from_time(torch.rand(len(x)))
-        return flow_matching_loss(self.fake_score, x, captions, sigma, _randn(x.shape, x.device))
+        return flow_matching_loss(self.fake_score, x, captions, sigma, cpu_randn(x.shape, device=x.device))
 
     def draw_renoise(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, Renoise]:
         """This mode's re-noise draws (see ``MODES``) for student samples ``x`` taken at model
@@ -305,7 +301,7 @@ class DecoupledDMD(Algorithm):
         draws = {}
         for term, above_t in MODES[self.distill.mode].items():
             low = t.clamp(min=lo) if above_t else torch.full_like(t, lo)
-            draws[term] = Renoise(low + (hi - low) * torch.rand(len(t)), _randn(x.shape, x.device))
+            draws[term] = Renoise(low + (hi - low) * torch.rand(len(t)), cpu_randn(x.shape, device=x.device))
         return draws
 
     @torch.no_grad()
