@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers import ZImageTransformer2DModel
 
 from timing import interleaved, timed
-from zimagekit.s3dit import RowAlignedLinear, S3DiT, S3DiTConfig, _round_up, forward_flops
+from zimagekit.s3dit import RowAlignedLinear, S3DiT, S3DiTConfig, forward_flops, padded_length
 
 
 def gemm_probe(dtype: torch.dtype, sizes=(1024, 1536, 2048), repeats: int = 5):
@@ -69,8 +69,8 @@ def kernel_floor(cfg, img_tokens, cap_tokens, dtype, shared_image=False):
     (``flops`` counting both refiner passes, as the reported GFLOP/s of ours do)."""
     d, f, heads, hd = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.head_dim
     patch_dim = cfg.all_patch_size[0] ** 2 * cfg.all_f_patch_size[0] * cfg.in_channels
-    img = [_round_up(n) for n in img_tokens]
-    cap = [_round_up(n) for n in cap_tokens]
+    img = [padded_length(n) for n in img_tokens]
+    cap = [padded_length(n) for n in cap_tokens]
     ops = []
 
     def gemm(m, k, n):  # aligned output rows, as RowAlignedLinear gives without autograd

@@ -1,5 +1,6 @@
 """The package's layers, read from its source: the core never imports the shapes world (a
-client like any user), and no module imports its way back to itself."""
+client like any user), no module imports its way back to itself or takes another's private
+names, and the public names import from the top."""
 
 import ast
 from pathlib import Path
@@ -44,6 +45,17 @@ def test_the_core_never_imports_the_shapes_world():
     assert "zimagekit.s3dit" in core and "zimagekit.algorithms.decoupled_dmd" in core
     leaks = {m: sorted(d for d in deps if d.startswith("zimagekit.shapes")) for m, deps in core.items()}
     assert not {m: d for m, d in leaks.items() if d}
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__" and (node.level or (
+                    node.module or "").startswith("zimagekit")):
+                private += [f"{module_name(path)}: {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.endswith("__")]  # __version__ is public
+    assert not private
 
 
 def test_no_module_imports_its_way_back_to_itself():

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import ZImageKitError, exit_code
-from .s3dit import PRESETS, S3DiT, S3DiTConfig, _round_up, parameter_breakdown
+from .s3dit import PRESETS, S3DiT, S3DiTConfig, padded_length, parameter_breakdown
 from .text_encoder import chat_prompt
 
 
@@ -115,8 +115,8 @@ def layout_table(config: S3DiTConfig, caption_tokens: int, width: int, height: i
     p = config.all_patch_size[0]
     hl, wl = height // vae_factor // p, width // vae_factor // p
     n_img, n_cap = config.image_tokens(height // vae_factor, width // vae_factor), caption_tokens
-    cap_pad, img_pad = _round_up(n_cap) - n_cap, _round_up(n_img) - n_img
-    cp = _round_up(n_cap)
+    cap_pad, img_pad = padded_length(n_cap) - n_cap, padded_length(n_img) - n_img
+    cp = padded_length(n_cap)
     lines = [
         f"image {width}x{height} px -> latent {width // vae_factor}x{height // vae_factor} -> {wl}x{hl} = {n_img} image tokens "
         f"(+{img_pad} pad); caption {n_cap} tokens (+{cap_pad} pad)",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ZImageKitError, exit_code
-from .s3dit import PRESETS, S3DiT, S3DiTConfig, TransformerBlock, _round_up
+from .s3dit import PRESETS, S3DiT, S3DiTConfig, TransformerBlock, padded_length
 
 # Bytes saved for backward per token per block, per unit of model width (measured; see module doc).
 ACT_BYTES_BF16 = 71
@@ -75,7 +75,7 @@ def training_memory(cfg: S3DiTConfig, gpus: int = 1, strategy: str = "ddp", batc
         params, grads, optim = 4 * P, 4 * P, 8 * P
     else:
         params, grads, optim = 4 * P / gpus + 2 * 2 * Pb, 4 * P / gpus + 4 * Pb, 8 * P / gpus
-    xi, xc = _round_up(image_tokens), _round_up(caption_tokens)
+    xi, xc = padded_length(image_tokens), padded_length(caption_tokens)
     per_token = (ACT_BYTES_BF16 if precision == "bf16" else ACT_BYTES_FP32) * cfg.dim
     block_tokens = [xi + xc] * cfg.n_layers + [xi] * cfg.n_refiner_layers + [xc] * cfg.n_refiner_layers
     weight_copies = 2 * Pb if precision == "bf16" else 0  # autocast keeps each block's bf16 weights for backward

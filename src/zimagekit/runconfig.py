@@ -32,6 +32,12 @@ C = TypeVar("C")
 # ----------------------------------------------------------------------------------------
 
 
+def require_config(ok: bool, key: str, problem: str) -> None:
+    """The one-line error of a config value that fails a check: ``config key 'KEY' PROBLEM``."""
+    if not ok:
+        raise ZImageKitError(f"config key {key!r} {problem}")
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> C:
     """``cls()`` updated by the file at ``path`` (``.yaml``/``.yml``/``.toml``), then by each
     ``dotted.key=value`` override in order."""

@@ -366,7 +366,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _round_up(n):
+def padded_length(n):
     """``n`` (an int or an integer tensor) rounded up to a multiple of SEQ_MULTI_OF."""
     return n + (-n) % SEQ_MULTI_OF
 
@@ -444,7 +444,7 @@ def build_layout(cfg, rope: _RopeTables, grids, cap_lens, device) -> _Layout:
     grid = torch.tensor(grids, dtype=torch.long).view(B, 3)
     img_n = grid.prod(1)
     cap_n = torch.tensor(list(cap_lens), dtype=torch.long)
-    img_np, cap_np = _round_up(img_n), _round_up(cap_n)
+    img_np, cap_np = padded_length(img_n), padded_length(cap_n)
     uni_n = img_np + cap_np
     Lx, Lc, Lu = int(img_np.max()), int(cap_np.max()), int(uni_n.max())
     batch = torch.arange(B)[:, None]
@@ -729,7 +729,7 @@ def forward_flops(cfg: S3DiTConfig, img_tokens: list[int], cap_tokens: list[int]
     total = 0.0
     patch_dim = cfg.all_patch_size[0] ** 2 * cfg.all_f_patch_size[0] * cfg.in_channels
     for ni, nc in zip(img_tokens, cap_tokens):
-        xi, xc = _round_up(ni), _round_up(nc)
+        xi, xc = padded_length(ni), padded_length(nc)
         total += 2 * ni * patch_dim * d + 2 * nc * cfg.cap_feat_dim * d  # embedders
         total += cfg.n_refiner_layers * (block(xi) + block(xc, modulated=False))
         total += cfg.n_layers * block(xi + xc)

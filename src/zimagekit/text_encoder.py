@@ -75,7 +75,7 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' per-load report and progress bar (it lists the skipped last layer)."""
     from transformers.utils import logging as hf_logging
 
@@ -146,7 +146,7 @@ class Qwen3TextEncoder:
         # allocated; transformers then reports them as unexpected keys, which is intended.
         config.num_hidden_layers -= 1
         config.layer_types = list(config.layer_types)[: config.num_hidden_layers]
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = Qwen3Model.from_pretrained(
                 text_encoder_dir, config=config, dtype=dtype or torch.float32, output_loading_info=True
             )

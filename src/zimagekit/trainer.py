@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from . import parallel
 from .errors import ZImageKitError
-from .runconfig import save_config
+from .runconfig import require_config, save_config
 from .fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -60,11 +60,6 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------
-
-
-def _require(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise ZImageKitError(f"config key {key!r} {problem}")
 
 
 @dataclass
@@ -77,7 +72,7 @@ class RunConfig:
     resume: bool = False
 
     def __post_init__(self):
-        _require(bool(self.name.strip()), "run.name", "is empty; give the run a name")
+        require_config(bool(self.name.strip()), "run.name", "is empty; give the run a name")
 
 
 @dataclass
@@ -92,13 +87,13 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global L2 norm per module group; null: no clipping
 
     def __post_init__(self):
-        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must lie in [0, 1), got {list(self.betas)}")
-        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
-        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must lie in [0, optim.lr], got {self.min_lr}")
-        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+        require_config(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require_config(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must lie in [0, 1), got {list(self.betas)}")
+        require_config(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        require_config(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require_config(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require_config(0 <= self.min_lr <= self.lr, "optim.min_lr", f"must lie in [0, optim.lr], got {self.min_lr}")
+        require_config(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
 
 
 @dataclass
@@ -115,9 +110,9 @@ class LoopConfig:
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_last_ckpts"):
-            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+            require_config(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         for key in ("ckpt_every", "sample_every"):
-            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0 (0 turns it off), got {getattr(self, key)}")
+            require_config(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0 (0 turns it off), got {getattr(self, key)}")
 
 
 @dataclass
@@ -127,8 +122,8 @@ class EMAConfig:
     start_step: int = 0  # through this step the EMA copies the weights instead of averaging
 
     def __post_init__(self):
-        _require(0 <= self.decay <= 1, "ema.decay", f"must lie in [0, 1], got {self.decay}")
-        _require(self.start_step >= 0, "ema.start_step", f"must be >= 0, got {self.start_step}")
+        require_config(0 <= self.decay <= 1, "ema.decay", f"must lie in [0, 1], got {self.decay}")
+        require_config(self.start_step >= 0, "ema.start_step", f"must be >= 0, got {self.start_step}")
 
 
 @dataclass
@@ -140,7 +135,7 @@ class SampleConfig:
     use_ema: bool = True  # sample with the EMA weights of the groups that keep one
 
     def __post_init__(self):
-        _require(bool(self.seeds), "sample.seeds", "is empty; list at least one seed")
+        require_config(bool(self.seeds), "sample.seeds", "is empty; list at least one seed")
 
 
 @dataclass
@@ -161,7 +156,7 @@ class TrainConfig:
     mfu_peak_flops: float | None = None
 
     def __post_init__(self):
-        _require(self.mfu_peak_flops is None or self.mfu_peak_flops > 0, "mfu_peak_flops", "must be > 0 or null")
+        require_config(self.mfu_peak_flops is None or self.mfu_peak_flops > 0, "mfu_peak_flops", "must be > 0 or null")
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -561,7 +556,7 @@ class _MetricLog:
             self._tb.close()
 
 
-def _image_grid(images: list[Image.Image], cols: int) -> Image.Image:
+def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
     from PIL import Image
 
     w = max(im.width for im in images)
@@ -977,7 +972,7 @@ class Trainer:
                              f"{len(prompts)} (prompt, seed) pairs")
         if not parallel.is_main():  # every rank sampled: sharded modules run collectively
             return
-        grid = _image_grid(images, cols=len(self.cfg.sample.seeds))
+        grid = image_grid(images, cols=len(self.cfg.sample.seeds))
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))

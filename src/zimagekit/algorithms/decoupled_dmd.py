@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import ZImageKitError, exit_code
 from ..prompts import load_prompts
-from ..runconfig import add_run_commands, load_config
+from ..runconfig import add_run_commands, load_config, require_config
 from ..s3dit import S3DiT, S3DiTConfig
 from ..sampling import (
     ScheduleConfig,
@@ -57,7 +57,7 @@ from ..sampling import (
     x0_from_velocity,
 )
 from ..fileio import atomic_folder
-from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, _require, load_trained, seed_everything
+from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, load_trained, seed_everything
 from .flow_matching import Sampler
 
 # ----------------------------------------------------------------------------------------
@@ -112,14 +112,14 @@ class DistillSection:
     normalizer: Literal["cfg", "branch"] = "cfg"
 
     def __post_init__(self):
-        _require(self.student_steps >= 1, "distill.student_steps", f"must be >= 1, got {self.student_steps}")
-        _require(self.guidance_scale >= 0, "distill.guidance_scale",
+        require_config(self.student_steps >= 1, "distill.student_steps", f"must be >= 1, got {self.student_steps}")
+        require_config(self.guidance_scale >= 0, "distill.guidance_scale",
                  f"must be >= 0 (α = 1 + w), got {self.guidance_scale}")
-        _require(self.fake_updates_per_student >= 1, "distill.fake_updates_per_student",
+        require_config(self.fake_updates_per_student >= 1, "distill.fake_updates_per_student",
                  f"must be >= 1, got {self.fake_updates_per_student}")
-        _require(0 <= self.tau_min < self.tau_max <= 1, "distill.tau_min",
+        require_config(0 <= self.tau_min < self.tau_max <= 1, "distill.tau_min",
                  f"and distill.tau_max must satisfy 0 <= tau_min < tau_max <= 1, got {self.tau_min}, {self.tau_max}")
-        _require(self.mode != "ca_only" or self.guidance_scale > 0, "distill.guidance_scale",
+        require_config(self.mode != "ca_only" or self.guidance_scale > 0, "distill.guidance_scale",
                  "is 0, so mode ca_only has no gradient (Δ_CA = w·(...)); set guidance_scale > 0")
 
 
@@ -141,8 +141,8 @@ class DistillData:
     width: int | None = None
 
     def __post_init__(self):
-        _require(self.count is None or self.count >= 1, "data.count", f"must be >= 1 or null, got {self.count}")
-        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
+        require_config(self.count is None or self.count >= 1, "data.count", f"must be >= 1 or null, got {self.count}")
+        require_config(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass

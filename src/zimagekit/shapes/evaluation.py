@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ZImageKitError, exit_code
-from ..trainer import _image_grid, load_trained
+from ..trainer import image_grid, load_trained
 from ..vae_codec import from_vae_output, to_uint8, to_vae_input
 from . import world
 from .judge import Report, evaluate as judge_evaluate, to_rgb
@@ -211,7 +211,7 @@ def _write_eval(out: Path, samples, report: Report, row: dict) -> None:
     (out / "metrics.json").write_text(json.dumps(row, indent=1) + "\n")
     firsts = [im for im, _, ids in samples if ids["seed"] == ids["entry"]]  # image 0 of each entry
     firsts = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in firsts]
-    _image_grid(firsts, cols=world.EVAL_PER_CATEGORY).save(out / "grid.png")
+    image_grid(firsts, cols=world.EVAL_PER_CATEGORY).save(out / "grid.png")
 
 
 def learning_curve(run_dir: Path, pipe, group: str, steps: int | None = None, guidance_scale: float | None = None,

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from ..errors import ZImageKitError, exit_code
 from ..runconfig import add_run_commands, load_config
-from ..text_encoder import QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, _quiet_transformers, chat_prompt
+from ..text_encoder import QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, chat_prompt, quiet_transformers
 from ..trainer import EMA, Algorithm, IndexDataSource, TrainConfig, Trainer, seed_everything
 from . import world
 
@@ -360,7 +360,7 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
         ema = EMA(lm, decay=0.0, start_step=0)
         ema.load_state_dict(load_file(str(ckpt / f"{GROUP}_ema.safetensors")))
         weights = ema.swapped_in()
-    with weights, _quiet_transformers():
+    with weights, quiet_transformers():
         # The head is tied to the embeddings, so the Qwen3Model part holds every weight.
         _replace_folder(out, lm.model.save_pretrained)
 
@@ -392,7 +392,7 @@ def evaluate(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 2000) 
     tokenizer = load_tokenizer(tokenizer_dir)
     if not (Path(text_encoder_dir) / "config.json").is_file():
         raise ZImageKitError(f"{text_encoder_dir}: no config.json; export a run there first")
-    with _quiet_transformers():
+    with quiet_transformers():
         lm = Qwen3ForCausalLM.from_pretrained(text_encoder_dir, dtype=torch.float32).eval()
     # Seeds far past any training set, so these are draws, not the training list itself.
     train = [world.sample_prompt(10**9 + i, "train").text for i in range(captions)]
@@ -426,7 +426,7 @@ def linear_probe(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 40
     for what, folder in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
         if not (Path(folder) / ("config.json" if what == "text encoder" else "tokenizer_config.json")).is_file():
             raise ZImageKitError(f"{folder}: not a {what} folder")
-    with _quiet_transformers():
+    with quiet_transformers():
         encoder = Qwen3TextEncoder.from_pretrained(text_encoder_dir, tokenizer_dir)
     train = sorted({world.sample_prompt(10**9 + i, "train").text for i in range(captions)})
     test = sorted({p.text for p in world.eval_prompts()

@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from ..errors import ZImageKitError, exit_code
 from ..fileio import atomic_folder
-from ..runconfig import add_run_commands, load_config
-from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, _require, load_trained, seed_everything
+from ..runconfig import add_run_commands, load_config, require_config
+from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, load_trained, seed_everything
 from ..vae_codec import to_vae_input
 from . import world
 from .judge import Report, evaluate as judge_evaluate
@@ -66,16 +66,16 @@ class VAESection:
 
     def __post_init__(self):
         chans = self.block_out_channels
-        _require(len(chans) >= 1 and all(c >= 1 for c in chans), "vae.block_out_channels",
+        require_config(len(chans) >= 1 and all(c >= 1 for c in chans), "vae.block_out_channels",
                  f"must list positive channel counts, got {list(chans)}")
-        _require(2 ** (len(chans) - 1) <= world.CANVAS // 2, "vae.block_out_channels",
+        require_config(2 ** (len(chans) - 1) <= world.CANVAS // 2, "vae.block_out_channels",
                  f"has {len(chans)} levels; a {world.CANVAS} px image allows at most "
                  f"{world.CANVAS.bit_length() - 1}")
         for key in ("norm_num_groups", "layers_per_block", "latent_channels", "scenes", "factor_scenes"):
-            _require(getattr(self, key) >= 1, f"vae.{key}", f"must be >= 1, got {getattr(self, key)}")
+            require_config(getattr(self, key) >= 1, f"vae.{key}", f"must be >= 1, got {getattr(self, key)}")
         for key in ("kl_weight", "edge_weight"):
-            _require(getattr(self, key) >= 0, f"vae.{key}", f"must be >= 0, got {getattr(self, key)}")
-        _require(self.data_seed >= 0, "vae.data_seed", f"must be >= 0, got {self.data_seed}")
+            require_config(getattr(self, key) >= 0, f"vae.{key}", f"must be >= 0, got {getattr(self, key)}")
+        require_config(self.data_seed >= 0, "vae.data_seed", f"must be >= 0, got {self.data_seed}")
 
 
 @dataclass
@@ -89,7 +89,7 @@ def build_vae(section: VAESection):
 
     # Checked here, not in the config, so that overrides may change the two in either order.
     chans, groups = section.block_out_channels, section.norm_num_groups
-    _require(all(c % groups == 0 for c in chans), "vae.norm_num_groups",
+    require_config(all(c % groups == 0 for c in chans), "vae.norm_num_groups",
              f"must divide every vae.block_out_channels entry {list(chans)}, got {groups}")
     levels = len(section.block_out_channels)
     return AutoencoderKL(
