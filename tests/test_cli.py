@@ -147,6 +147,21 @@ def test_help_explains_every_flag(capsys):
         assert flag in stdout, flag
 
 
+def test_help_states_the_default_models_own_defaults(capsys, monkeypatch):
+    """The shipped student records 64x64 and 8 steps; the teacher 50 steps with w = 3 (read from
+    each folder's model_index.json), not Turbo's 1024x1024."""
+    monkeypatch.delenv("ZIMAGEKIT_MODEL", raising=False)
+    stdout = " ".join(run(["generate", "--help"], capsys)[1].split())
+    assert "the default model, shapes-turbo, uses 8 steps, guidance 0, 64x64" in stdout
+    assert "(default: the model's, 64 for shapes-turbo; or the init image's)" in stdout
+    from zimagekit.shipped import SHIPPED_MODELS
+
+    monkeypatch.setenv("ZIMAGEKIT_MODEL", str(SHIPPED_MODELS / "shapes-teacher"))
+    stdout = " ".join(run(["generate", "--help"], capsys)[1].split())
+    assert "shapes-teacher, uses 50 steps, guidance 3, 64x64" in stdout
+    assert "(default: the model folder's, 3 for shapes-teacher; else 0)" in stdout
+
+
 # -- bad input: one line, status 2, no file ----------------------------------------------------
 
 

@@ -315,7 +315,8 @@ def test_folder_defaults_survive_save_and_diffusers_still_loads_the_folder(zimag
 
     from diffusers import ZImagePipeline as DiffusersZImagePipeline
 
-    from zimagekit.pipeline import TURBO_DEFAULTS, ZImagePipeline
+    from zimagekit.pipeline import ZImagePipeline
+    from zimagekit.shipped import TURBO_DEFAULTS
 
     zimage_pipe.defaults = {**TURBO_DEFAULTS, "num_inference_steps": 30, "guidance_scale": 3.0}
     try:

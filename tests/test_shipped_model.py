@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from zimagekit.cli import main
-from zimagekit.pipeline import SHIPPED_MODELS, TURBO_DEFAULTS, ZImagePipeline, default_model_folder
+from zimagekit.pipeline import ZImagePipeline
+from zimagekit.shipped import SHIPPED_MODELS, TURBO_DEFAULTS, default_model_folder
 from zimagekit.shapes.judge import judge_image
 
 # Images each shipped model draws correctly at its folder defaults, read off its judged

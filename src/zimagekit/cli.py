@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ZImageKitError
+from .shipped import default_model_folder, recorded_defaults
 
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -116,11 +117,17 @@ def _show_warnings() -> None:
 
 
 def _add_generate(commands) -> None:
+    # --help states the defaults of the model a plain call would use (JSON only, no torch).
+    folder = os.environ.get("ZIMAGEKIT_MODEL") or default_model_folder()
+    d = recorded_defaults(folder) if folder else recorded_defaults("")
+    name = Path(folder).name if folder else "Z-Image-Turbo"
     p = commands.add_parser(
         "generate",
         help="text-to-image (and image-to-image) with a Z-Image model folder",
-        description="Generate images with Z-Image / Z-Image-Turbo. Defaults are Turbo's: 8 steps, "
-        "no guidance, 1024x1024. Prints the seed and each file written.",
+        description=f"Generate images with Z-Image / Z-Image-Turbo. Steps, guidance and size default to what the "
+        f"model folder records (model_index.json), else Turbo's (8 steps, no guidance, 1024x1024); the default "
+        f"model, {name}, uses {d['num_inference_steps']} steps, guidance {d['guidance_scale']:g}, "
+        f"{d['width']}x{d['height']}. Prints the seed and each file written.",
     )
     p.set_defaults(run=_generate)
     g = p.add_argument_group("prompt")
@@ -146,10 +153,12 @@ def _add_generate(commands) -> None:
 
     g = p.add_argument_group("image")
     g.add_argument(
-        "-W", "--width", type=int, metavar="PX", help="width, a multiple of 16 (default: 1024, or the init image's)"
+        "-W", "--width", type=int, metavar="PX",
+        help=f"width, a multiple of 16 (default: the model's, {d['width']} for {name}; or the init image's)"
     )
     g.add_argument(
-        "-H", "--height", type=int, metavar="PX", help="height, a multiple of 16 (default: 1024, or the init image's)"
+        "-H", "--height", type=int, metavar="PX",
+        help=f"height, a multiple of 16 (default: the model's, {d['height']} for {name}; or the init image's)"
     )
     g.add_argument(
         "--num-images",
@@ -182,7 +191,8 @@ def _add_generate(commands) -> None:
     )
     g.add_argument(
         "--steps", "--num-inference-steps", dest="steps", type=int, default=None, metavar="N",
-        help="denoising steps = transformer calls (default: the model folder's, else Turbo's 8)",
+        help=f"denoising steps = transformer calls (default: the model folder's, {d['num_inference_steps']} for "
+        f"{name}; else Turbo's 8)",
     )  # fmt: skip
     g.add_argument(
         "--cfg-scale",
@@ -192,7 +202,7 @@ def _add_generate(commands) -> None:
         default=None,
         metavar="W",
         help="guidance w in pred = pos + w*(pos - neg), diffusers' Z-Image convention (standard CFG scale minus 1); "
-        "0 turns it off, as Turbo wants (default: the model folder's, else 0)",
+        f"0 turns it off, as Turbo wants (default: the model folder's, {d['guidance_scale']:g} for {name}; else 0)",
     )
     g.add_argument(
         "--cfg-normalization",
@@ -400,8 +410,6 @@ def _generate(args) -> int:
     # Cheap checks first, so a typo never waits for gigabytes of weights.
     prompts = _prompts(args)
     _check_numbers(args, len(prompts) * max(args.num_images, 1))
-    from .pipeline import default_model_folder
-
     model = args.model or default_model_folder()
     if model is None:
         raise ZImageKitError(

@@ -41,6 +41,7 @@ from .sampling import (
     sample_euler,
     time_from_sigma,
 )
+from .shipped import TURBO_DEFAULTS
 from .text_encoder import Qwen3TextEncoder
 from .vae_codec import from_vae_output, scale_latents, to_uint8, to_vae_input, unscale_latents
 
@@ -84,23 +85,6 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 # ---------------------------------------------------------------------------------------------
 # Argument resolution shared with the CLI
 # ---------------------------------------------------------------------------------------------
-
-
-# Z-Image-Turbo's sampling defaults: 8 transformer calls, no guidance, 1024².
-TURBO_DEFAULTS = {"num_inference_steps": 8, "guidance_scale": 0.0, "height": 1024, "width": 1024}
-
-# Models that ship inside the package, most preferred first: the few-step student once it
-# exists, else the teacher.
-SHIPPED_MODELS = Path(__file__).parent / "models"
-SHIPPED_PREFERENCE = ("shapes-turbo", "shapes-teacher")
-
-
-def default_model_folder() -> Path | None:
-    """The shipped model ``zimagekit generate`` uses when no --model is given."""
-    for name in SHIPPED_PREFERENCE:
-        if (SHIPPED_MODELS / name / "model_index.json").is_file():
-            return SHIPPED_MODELS / name
-    return None
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
