@@ -162,6 +162,19 @@ def test_help_states_the_default_models_own_defaults(capsys, monkeypatch):
     assert "(default: the model folder's, 3 for shapes-teacher; else 0)" in stdout
 
 
+def test_a_size_other_than_the_recorded_one_is_allowed_with_a_note(tmp_path, capsys):
+    from zimagekit.shipped import SHIPPED_MODELS
+
+    out = tmp_path / "big.png"
+    status, stdout, _ = run(["generate", "a red circle", "--model", SHIPPED_MODELS / "shapes-turbo", "-W", "96",
+                             "--no-progress", "-o", out], capsys)
+    assert status == 0 and Image.open(out).size == (96, 64)
+    assert "note: shapes-turbo was trained at 64x64; at 96x64 expect worse images" in stdout
+    status, stdout, _ = run(["generate", "a red circle", "--model", SHIPPED_MODELS / "shapes-turbo", "--no-progress",
+                             "-o", out], capsys)
+    assert status == 0 and "note:" not in stdout
+
+
 # -- bad input: one line, status 2, no file ----------------------------------------------------
 
 

@@ -441,6 +441,10 @@ def _generate(args) -> int:
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else folder.defaults["guidance_scale"]
     check_image_size(width, height, multiple)
     _check_prompt_lengths(folder, prompts, args.max_sequence_length)
+    trained = (folder.defaults["width"], folder.defaults["height"])
+    if folder.records_size and (width, height) != trained:
+        print(f"note: {folder.root.name} was trained at {trained[0]}x{trained[1]}; at {width}x{height} expect "
+              "worse images")
 
     seed = args.seed if args.seed >= 0 else random.SystemRandom().randrange(2**32)
     print(f"seed: {seed}")

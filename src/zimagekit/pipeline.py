@@ -147,6 +147,9 @@ class ModelFolder:
     vae_force_upcast: bool = True  # the VAE runs in fp32 whatever the pipeline dtype
     # The longest caption the transformer can place (s3dit.max_caption_tokens of axes_lens[0]).
     max_caption_tokens: int | None = None
+    # Whether model_index.json records an image size (a model trained at one size, like the
+    # shapes models), rather than leaving Turbo's 1024² implied.
+    records_size: bool = False
     # Sampling defaults the folder records (model_index.json "_zimagekit_defaults", which
     # diffusers ignores); a model without them gets Turbo's.
     defaults: dict = field(default_factory=lambda: dict(TURBO_DEFAULTS))
@@ -190,7 +193,8 @@ class ModelFolder:
         axes_lens = transformer.get("axes_lens")
         max_caption = max_caption_tokens(axes_lens[0]) if isinstance(axes_lens, list) and axes_lens else None
         return cls(root, multiple, vae_force_upcast=vae.get("force_upcast", True),
-                   defaults={**TURBO_DEFAULTS, **defaults}, max_caption_tokens=max_caption)
+                   defaults={**TURBO_DEFAULTS, **defaults}, max_caption_tokens=max_caption,
+                   records_size=bool({"height", "width"} & set(defaults)))
 
     def component(self, name: str) -> Path:
         return self.root / name
