@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ZImageKitError
-from .shipped import default_model_folder, recorded_defaults
+from .shipped import TURBO_DEFAULTS, default_model_folder, recorded_defaults
 
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -119,7 +119,7 @@ def _show_warnings() -> None:
 def _add_generate(commands) -> None:
     # --help states the defaults of the model a plain call would use (JSON only, no torch).
     folder = os.environ.get("ZIMAGEKIT_MODEL") or default_model_folder()
-    d = recorded_defaults(folder) if folder else recorded_defaults("")
+    d = recorded_defaults(folder) if folder else dict(TURBO_DEFAULTS)
     name = Path(folder).name if folder else "Z-Image-Turbo"
     p = commands.add_parser(
         "generate",

@@ -31,5 +31,6 @@ def recorded_defaults(folder: str | Path) -> dict:
         recorded = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))["_zimagekit_defaults"]
     except (OSError, ValueError, KeyError, TypeError):
         recorded = {}
-    return {**TURBO_DEFAULTS, **{k: v for k, v in recorded.items() if k in TURBO_DEFAULTS}} \
-        if isinstance(recorded, dict) else dict(TURBO_DEFAULTS)
+    if not isinstance(recorded, dict):
+        recorded = {}
+    return {**TURBO_DEFAULTS, **{k: v for k, v in recorded.items() if k in TURBO_DEFAULTS}}

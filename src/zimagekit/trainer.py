@@ -573,15 +573,21 @@ def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
 # ----------------------------------------------------------------------------------------
 
 
+def _step_of(path: Path) -> int | None:
+    """The step a ``step_*`` checkpoint directory is named for; None for any other name."""
+    m = _STEP_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
 def _is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole published checkpoint: its state file parses and names its
     own step, and its tensors are there."""
-    m = _STEP_DIR.fullmatch(path.name)
     try:
         state = json.loads((path / STATE_JSON).read_text())
     except (OSError, ValueError):
         return False
-    return bool(m) and isinstance(state, dict) and state.get("step") == int(m.group(1)) and \
+    step = _step_of(path)
+    return step is not None and isinstance(state, dict) and state.get("step") == step and \
         (path / STATE_TENSORS).is_file()
 
 
@@ -701,13 +707,12 @@ class Trainer:
         named = None
         if pointer.is_file():
             named = self.ckpt_dir / pointer.read_text().strip()
-            if not _STEP_DIR.fullmatch(named.name) or not named.is_dir():
+            if _step_of(named) is None or not named.is_dir():
                 raise ZImageKitError(f"{pointer} names {named.name}, which does not exist; point it at an existing "
                                      f"step_* directory or start a new run")
-        step = lambda p: int(_STEP_DIR.fullmatch(p.name).group(1))
         newer = [p for p in self.ckpt_dir.glob("step_*")
-                 if _is_complete(p) and (named is None or step(p) > step(named))]
-        return max(newer, key=step, default=named)
+                 if _is_complete(p) and (named is None or _step_of(p) > _step_of(named))]
+        return max(newer, key=_step_of, default=named)
 
     def _discard_unpublished(self) -> None:
         """Remove temporary checkpoint directories and checkpoints newer than the one
@@ -715,8 +720,8 @@ class Trainer:
         if not self.ckpt_dir.is_dir():
             return
         for path in self.ckpt_dir.iterdir():
-            m = _STEP_DIR.fullmatch(path.name)
-            if path.name.startswith(".tmp-") or (m and int(m.group(1)) > self.step):
+            step = _step_of(path)
+            if path.name.startswith(".tmp-") or (step is not None and step > self.step):
                 shutil.rmtree(path)
 
     def _save_checkpoint(self) -> None:
@@ -755,8 +760,7 @@ class Trainer:
         os.replace(tmp, self.ckpt_dir / name)
         atomic_write(self.ckpt_dir / "latest", lambda p: p.write_text(name + "\n"))
         _fsync(self.ckpt_dir)
-        steps = sorted((p for p in self.ckpt_dir.iterdir() if _STEP_DIR.fullmatch(p.name)),
-                       key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+        steps = sorted((p for p in self.ckpt_dir.iterdir() if _step_of(p) is not None), key=_step_of)
         for old in steps[: -self.cfg.train.keep_last_ckpts]:
             shutil.rmtree(old)
         # Only now that the new one is published may the older ones lose their optimizer state.
