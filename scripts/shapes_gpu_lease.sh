@@ -40,7 +40,7 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and \
 torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)" 2>&1 | tee -a "$L"
 T=zimagekit.shapes.teacher
-D=zimagekit.algorithms.decoupled_dmd
+D=zimagekit.cli.distill
 mkdir -p runs/pack
 
 # pack MODULE RUN EXPORT NAME: export RUN's EMA model to EXPORT, its transformer into $OUT

@@ -96,6 +96,28 @@ def test_prompt_file_gives_one_image_per_line_and_no_metadata_turns_it_off(tiny_
     assert "parameters" not in Image.open(tmp_path / "out_001.png").info
 
 
+def test_a_prompt_file_is_generated_in_batches_each_image_as_diffusers_draws_it_alone(
+        tiny_model_dir, reference_pipe, tmp_path, capsys, monkeypatch):
+    """3 prompts x 2 images in batches of 4: two pipeline calls, and every image equals diffusers'
+    single-image output for its prompt and seed (seed + k for image k)."""
+    from zimagekit.pipeline import ZImagePipeline
+
+    calls = []
+    call = ZImagePipeline.__call__
+    monkeypatch.setattr(ZImagePipeline, "__call__", lambda self, *a, **k: calls.append(len(k["generator"])) or
+                        call(self, *a, **k))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na red fox\n", encoding="utf-8")
+    status, _, err = run(generate(tiny_model_dir, "--prompt-file", prompts, "-b", "2", "-s", "7", "--batch-size", "4",
+                                  "-o", tmp_path / "o_%d.png"), capsys)
+    assert status == 0, err
+    assert calls == [4, 2]
+    for k, prompt in enumerate(["a cat", "a cat", "a dog", "a dog", "a red fox", "a red fox"]):
+        assert_same_pixels(tmp_path / f"o_{k}.png", reference_pil(reference_pipe, 7 + k, prompt=prompt,
+                                                                  guidance_scale=0.0)[0])
+    assert run(generate(tiny_model_dir, "a cat", "--batch-size", "0"), capsys)[0] == 2
+
+
 def test_negative_seed_picks_one_prints_it_and_records_it(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "r.png"
     status, stdout, _ = run(generate(tiny_model_dir, "a cat", "-s", "-1", "-o", out), capsys)
@@ -232,7 +254,7 @@ def test_a_prompt_file_with_a_prompt_too_long_for_the_model_writes_nothing(tiny_
 
 
 def test_a_batch_that_fails_midway_names_the_images_it_wrote(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import zimagekit.cli as cli
+    import zimagekit.cli.generate as cli
 
     save = cli._save_image
 
@@ -348,13 +370,13 @@ def test_eval_subcommand_judges_a_folder_of_ground_truth_renders(tmp_path, capsy
         Image.fromarray(render(scene_for_prompt(prompt, i))).save(tmp_path / name)
         rows.append(json.dumps({"file_name": name, "prompt": prompt.text}))
     (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    assert main(["eval", str(tmp_path)]) == 0
+    assert main(["shapes", "judge", str(tmp_path)]) == 0
     results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(results) == len(rows) and all(r["correct"] for r in results)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--help"])
-    assert e.value.code == 0 and "usage: zimagekit eval" in capsys.readouterr().out
+        main(["shapes", "judge", "--help"])
+    assert e.value.code == 0 and "usage: zimagekit shapes judge" in capsys.readouterr().out
 
 
 def test_folder_defaults_set_steps_guidance_and_size(tiny_model_dir, reference_pipe, tmp_path, capsys):

@@ -12,6 +12,7 @@ import yaml
 from torch import nn
 
 from zimagekit.algorithms import decoupled_dmd as dd
+from zimagekit.cli import distill as distill_cli
 from zimagekit.algorithms.flow_matching import FlowMatching, FlowSection
 from zimagekit.errors import ZImageKitError
 from zimagekit.s3dit import S3DiT, S3DiTConfig
@@ -443,7 +444,7 @@ def distill_run(tmp_path_factory, tiny_model_dir):
         "sample": {"prompts": ["a red circle"], "seeds": [0, 1]},
         "ema": {"decay": 0.5},
     }))
-    assert dd.main(["train", "--config", str(config), "optim.lr=1e-3"]) == 0
+    assert distill_cli.main(["train", "--config", str(config), "optim.lr=1e-3"]) == 0
     return root / "run"
 
 
@@ -476,7 +477,7 @@ def test_export_writes_the_ema_student_as_a_few_step_folder(distill_run, tmp_pat
     from zimagekit.pipeline import ZImagePipeline
 
     out = tmp_path / "student"
-    assert dd.main(["export", str(distill_run), str(out)]) == 0
+    assert distill_cli.main(["export", str(distill_run), str(out)]) == 0
     pipe = ZImagePipeline.from_pretrained(out)
     assert pipe.defaults == {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 32, "width": 32}
     from diffusers import ZImagePipeline as DiffusersZImagePipeline
@@ -496,12 +497,12 @@ def test_export_writes_the_ema_student_as_a_few_step_folder(distill_run, tmp_pat
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):
-    assert dd.main(["--config", str(tmp_path / "missing.yaml")]) == 2  # train is the default command
+    assert distill_cli.main(["--config", str(tmp_path / "missing.yaml")]) == 2  # train is the default command
     assert capsys.readouterr().err.startswith("error: config file")
-    assert dd.main(["train", f"data.teacher={tmp_path / 'nothing'}", f"run.dir={tmp_path}"]) == 2
+    assert distill_cli.main(["train", f"data.teacher={tmp_path / 'nothing'}", f"run.dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: data.teacher: no folder") and err.count("\n") == 1
-    assert dd.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert distill_cli.main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "not a distillation run" in capsys.readouterr().err
 
 

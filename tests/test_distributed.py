@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from zimagekit import train
+from zimagekit.cli import train as train_cli
 
 GLOBAL_BATCH = 4
 
@@ -56,7 +56,7 @@ optim: {{lr: 1.0e-3, eps: 1.0e-4}}
 ema: {{decay: 0.5}}
 """)
     # One process with the whole global batch: the reference. It also fills the cache.
-    assert train.main(["--config", str(config)]) == 0
+    assert train_cli.main(["--config", str(config)]) == 0
     return root, config
 
 
@@ -111,7 +111,7 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process(setup):
         pytest.skip("needs the FSDP2 run of the previous test")
     shutil.copytree(runs / "fsdp", runs / "fsdp-on-one")
     (runs / "fsdp-on-one" / "checkpoints" / "latest").write_text("step_0000002\n")
-    assert train.main(["--config", str(config), "run.name=fsdp-on-one", "run.resume=true"]) == 0
+    assert train_cli.main(["--config", str(config), "run.name=fsdp-on-one", "run.resume=true"]) == 0
     assert losses(runs / "fsdp-on-one") == pytest.approx(losses(runs / "single"), rel=1e-5)
     assert_close(weights(runs / "fsdp-on-one", 4), weights(runs / "single", 4), WEIGHT_TOL)
 
@@ -123,7 +123,7 @@ def test_lora_on_an_fsdp2_sharded_base_with_gradient_accumulation_equals_one_pro
     root, config = setup
     runs = root / "runs"
     lora = ["lora.rank=2", "ema.enabled=false", "train.grad_accum_steps=2"]
-    assert train.main(["--config", str(config), "run.name=lora-single", *lora,
+    assert train_cli.main(["--config", str(config), "run.name=lora-single", *lora,
                        f"train.batch_size={GLOBAL_BATCH // 2}"]) == 0
     torchrun(config, "run.name=lora-fsdp", "parallel.strategy=fsdp", *lora, f"train.batch_size={GLOBAL_BATCH // 4}")
     single, sharded = runs / "lora-single", runs / "lora-fsdp"

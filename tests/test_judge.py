@@ -1,5 +1,5 @@
 """The shapes-world judge: hand-worked judgements, ground truth, planted errors, robustness
-to noise and blur, GenEval's scoring rule, and the `zimagekit eval` entry point."""
+to noise and blur, GenEval's scoring rule, and the `zimagekit shapes judge` entry point."""
 
 import dataclasses
 import json
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from zimagekit.errors import ZImageKitError
-from zimagekit.shapes.judge import detect_objects, evaluate, judge_image, main
+from zimagekit.shapes.judge import detect_objects, judge_all, judge_image, main
 from zimagekit.shapes.world import (
     COLORS,
     SHAPES,
@@ -179,9 +179,9 @@ def test_accepts_pil_float_and_upscaled_images():
 
 def test_overall_is_the_mean_of_category_accuracies_not_of_images(tmp_path):
     good = _scene("a red circle", CIRCLE)
-    assert evaluate([good, good, (good[0], "a blue circle")]).accuracy() == {"colors": 2 / 3}
+    assert judge_all([good, good, (good[0], "a blue circle")]).accuracy() == {"colors": 2 / 3}
     two = render(Scene(parse_prompt("a circle and a square"), (CIRCLE, SQUARE)))
-    report = evaluate([good, good, good, (two, "a circle and a triangle")])
+    report = judge_all([good, good, good, (two, "a circle and a triangle")])
     assert report.accuracy() == {"two_object": 0.0, "colors": 1.0}
     assert report.overall == pytest.approx(0.5)  # the mean over images would be 3/4
 
@@ -196,7 +196,7 @@ def test_overall_is_the_mean_of_category_accuracies_not_of_images(tmp_path):
 
 
 def test_record_keeps_id_fields():
-    report = evaluate([(*_scene("a red circle", CIRCLE), {"file_name": "a.png", "seed": 3})])
+    report = judge_all([(*_scene("a red circle", CIRCLE), {"file_name": "a.png", "seed": 3})])
     assert report.records == [
         {"file_name": "a.png", "seed": 3, "prompt": "a red circle", "category": "colors", "correct": True,
          "reason": "correct: found 1 red circle"}

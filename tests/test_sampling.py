@@ -19,7 +19,7 @@ from zimagekit.sampling import (
     sample_euler,
     sigma_from_time,
     time_from_sigma,
-    time_shift,
+    static_shift,
     velocity,
     x0_from_velocity,
 )
@@ -65,9 +65,9 @@ def test_add_noise_matches_the_reference_scale_noise():
 
 
 def test_time_shift_closed_form():
-    assert time_shift(0.5, 3.0) == pytest.approx(0.75)  # 1.5 / 2
-    assert time_shift(1.0, 3.0) == 1.0 and time_shift(0.0, 3.0) == 0.0
-    assert time_shift(0.3, 1.0) == pytest.approx(0.3)
+    assert static_shift(0.5, 3.0) == pytest.approx(0.75)  # 1.5 / 2
+    assert static_shift(1.0, 3.0) == 1.0 and static_shift(0.0, 3.0) == 0.0
+    assert static_shift(0.3, 1.0) == pytest.approx(0.3)
 
 
 def test_turbo_eight_step_schedule_is_the_published_one():

@@ -122,7 +122,7 @@ def test_batched_eval_images_are_the_ones_single_generate_calls_draw(zimage_pipe
 def distill_runs(tmp_path_factory, tiny_model_dir):
     """Two 4-step distillation runs at 64 px with checkpoints at steps 2 and 4: hybrid keeps
     both, ca_only only the last."""
-    from zimagekit.algorithms import decoupled_dmd as dd
+    from zimagekit.cli import distill as distill_cli
 
     root = tmp_path_factory.mktemp("runs")
     for mode in ("hybrid", "ca_only"):
@@ -136,7 +136,7 @@ def distill_runs(tmp_path_factory, tiny_model_dir):
                       "log_every": 2,
                       "progress": False},
         }))
-        assert dd.main(["train", "--config", str(config), "optim.lr=1e-3"]) == 0
+        assert distill_cli.main(["train", "--config", str(config), "optim.lr=1e-3"]) == 0
     return [root / "ablation-hybrid", root / "ablation-ca_only"]
 
 

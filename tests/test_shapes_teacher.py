@@ -168,3 +168,48 @@ def test_training_flops_are_forward_plus_backward_of_the_closed_form_count(train
     # features need none): between 2.5 and 3 forwards even where, as here, embedders are
     # a large share of the work.
     assert 2.5 * forward < measured <= 3 * forward
+
+
+def test_the_world_rendered_as_a_dataset_trains_a_teacher_through_zimagekit_train(tmp_path, tiny_model_dir):
+    """render -> zimagekit train (from scratch, with a sample grid) -> train export: the shapes
+    world as one dataset of the general path. The rendered files are the world's scenes, and
+    the exported folder generates with diffusers."""
+    import json
+
+    import numpy as np
+    import yaml
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+    from PIL import Image
+
+    from zimagekit.cli import train as train_cli
+    from zimagekit.shapes import world
+
+    data = tmp_path / "scenes"
+    assert teacher.main(["render", str(data), "--scenes", "8", "--seed", "5"]) == 0
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    scene = world.sample_scene(5 + 7)
+    assert rows[7]["text"] == scene.caption
+    assert np.array_equal(np.asarray(Image.open(data / rows[7]["file_name"])), world.render(scene))
+    assert teacher.main(["render", str(tmp_path / "none"), "--scenes", "0"]) == 2
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "pretrained": str(tiny_model_dir), "init": "scratch",
+        "model": {"dim": 32, "n_layers": 1, "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 16,
+                  "axes_dims": [4, 6, 6], "axes_lens": [256, 32, 32]},
+        "run": {"dir": str(tmp_path / "runs"), "name": "t"},
+        "data": {"path": str(data), "resolution": 64, "max_aspect": 1.0, "max_sequence_length": 64,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"steps": 2, "batch_size": 4, "log_every": 1, "sample_every": 2, "progress": False},
+        "sample": {"prompts": ["a red circle"], "seeds": [0, 1]},
+    }))
+    assert train_cli.main(["--config", str(config)]) == 0
+    grid = Image.open(tmp_path / "runs" / "t" / "samples" / "step_0000002.png")
+    assert grid.size == (2 * 64, 64)  # one row of two seeds, at the training resolution
+    out = tmp_path / "exported"
+    assert train_cli.main(["export", str(tmp_path / "runs" / "t"), str(out)]) == 0
+    pipe = DiffusersZImagePipeline.from_pretrained(out, dtype=torch.float32)
+    assert pipe.transformer.config.dim == 32
+    image = pipe("a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)

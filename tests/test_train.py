@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from zimagekit import parallel, train
+from zimagekit import image_training as train
+from zimagekit import parallel
+from zimagekit.cli import train as train_cli
 from zimagekit.datasets import ImageCaptionDataset, make_buckets
 from zimagekit.enhancer import PromptEnhancer, load_enhancer
 
@@ -104,7 +106,7 @@ def test_lora_training_leaves_the_base_and_writes_adapters_that_load(tmp_path, d
     from zimagekit.lora import LoRA
 
     config = run_config(tmp_path, dataset_dir, tiny_model_dir, "lora: {rank: 2}", "ema: {enabled: false}")
-    assert train.main(["--config", str(config)]) == 0
+    assert train_cli.main(["--config", str(config)]) == 0
     run = tmp_path / "runs" / "r"
     ckpt = run / "checkpoints" / "step_0000002"
     assert sorted(p.name for p in ckpt.glob("*.safetensors")) == ["lora.safetensors", "optimizer_state.safetensors",
@@ -118,12 +120,41 @@ def test_lora_training_leaves_the_base_and_writes_adapters_that_load(tmp_path, d
     LoRA.load(model, run / "lora.safetensors")  # the file generate --lora reads
 
 
+def test_export_of_a_lora_run_is_the_folder_diffusers_gets_by_fusing_the_adapters(tmp_path, dataset_dir,
+                                                                                 tiny_model_dir):
+    """train export merges a LoRA run's (EMA) adapters: the exported transformer is what diffusers
+    builds with load_lora_weights + fuse_lora on the base folder, and every other component is
+    the base folder's, byte for byte."""
+    from diffusers import ZImagePipeline as DiffusersZImagePipeline
+
+    config = run_config(tmp_path, dataset_dir, tiny_model_dir, "lora: {rank: 2}", "ema: {decay: 0.5}")
+    assert train_cli.main(["--config", str(config), "optim.lr=0.3"]) == 0  # big steps: a visible merge
+    run, out = tmp_path / "runs" / "r", tmp_path / "exported"
+    assert train_cli.main(["export", str(run), str(out)]) == 0
+    ref = DiffusersZImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = {k: v.clone() for k, v in ref.transformer.state_dict().items()}
+    ref.load_lora_weights(str(run / "lora.safetensors"))
+    ref.fuse_lora()
+    ref.unload_lora_weights()
+    fused = ref.transformer.state_dict()
+    ours = DiffusersZImagePipeline.from_pretrained(out, dtype=torch.float32).transformer.state_dict()
+    assert set(ours) == set(fused)
+    for k in ours:  # stored in bf16
+        torch.testing.assert_close(ours[k], fused[k].to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
+    assert max((fused[k] - base[k]).abs().max() for k in base) > 0.05  # the adapters did change the weights
+    for f in tiny_model_dir.rglob("*"):
+        if f.is_file() and f.relative_to(tiny_model_dir).parts[0] != "transformer":
+            assert (out / f.relative_to(tiny_model_dir)).read_bytes() == f.read_bytes(), f
+    assert train_cli.main(["export", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
 def test_phases_run_in_order_each_from_the_previous_phases_weights(tmp_path, dataset_dir, tiny_model_dir):
     """Phase 2 runs one step at a negligible learning rate, so it must end where phase 1 ended."""
     config = run_config(tmp_path, dataset_dir, tiny_model_dir, "ema: {enabled: false}", "phases:",
                         "  - {name: low-res, steps: 2, max_aspect: 1.0}",
                         f"  - {{name: sft, steps: 1, lr: 1.0e-12, enhancer: \"{SHAPES_ENHANCER}\"}}")
-    assert train.main(["--config", str(config)]) == 0
+    assert train_cli.main(["--config", str(config)]) == 0
     low, sft = tmp_path / "runs" / "r" / "1-low-res", tmp_path / "runs" / "r" / "2-sft"
     first = load_file(str(low / "checkpoints" / "step_0000002" / "transformer.safetensors"))
     second = load_file(str(sft / "checkpoints" / "step_0000001" / "transformer.safetensors"))
@@ -156,4 +187,4 @@ def test_bad_training_configs_are_one_line_errors(tmp_path, dataset_dir, tiny_mo
     with pytest.raises(ZImageKitError, match="multiple of 16"):
         train.DataSection(resolution=30)
     config = run_config(tmp_path, dataset_dir, tiny_model_dir, "init: scratch", "model: {cap_feat_dim: 64}")
-    assert train.main(["--config", str(config)]) == 2
+    assert train_cli.main(["--config", str(config)]) == 2

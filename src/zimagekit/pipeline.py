@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import ZImageKitError
+from .request import GenerationRequest
 from .s3dit import S3DiT, max_caption_tokens
 from .sampling import (
     ScheduleConfig,
@@ -45,7 +46,7 @@ from .shipped import TURBO_DEFAULTS
 from .text_encoder import Qwen3TextEncoder
 from .vae_codec import from_vae_output, scale_latents, to_uint8, to_vae_input, unscale_latents
 
-__all__ = ["ModelFolder", "ZImagePipeline", "check_image_size", "load_text_encoder", "resolve_device", "resolve_dtype"]
+__all__ = ["ModelFolder", "ZImagePipeline", "load_text_encoder", "resolve_device", "resolve_dtype"]
 
 COMPONENT_CONFIGS = {
     "transformer": "config.json",
@@ -111,16 +112,6 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     except Exception as e:  # a CPU-only build raises AssertionError, a bad index RuntimeError
         raise ZImageKitError(f"device {str(device)!r} is not available here ({_first_line(e)}); use cpu") from e
     return device
-
-
-def check_image_size(width: int, height: int, multiple: int) -> None:
-    """Width and height must be positive multiples of ``multiple``; the error suggests the nearest."""
-    for name, value in (("width", width), ("height", height)):
-        if value < multiple or value % multiple:
-            lower = max(multiple, value // multiple * multiple)
-            upper = lower if value < multiple else lower + multiple
-            choices = f"{lower}" if lower == upper else f"{lower} or {upper}"
-            raise ZImageKitError(f"{name} {value} is not a multiple of {multiple}; use {choices}")
 
 
 def _first_line(error: BaseException) -> str:
@@ -246,7 +237,9 @@ def _loading(model: ModelFolder, name: str):
         ) from e
 
 
-def _schedule_config(path: Path) -> tuple[ScheduleConfig, dict]:
+def read_schedule_config(path: Path) -> tuple[ScheduleConfig, dict]:
+    """A folder's scheduler_config.json: the fields that decide the σ schedule, and the whole
+    file (kept so a saved folder writes every field back)."""
     raw = _read_json(path, "the scheduler config")
     for option in UNSUPPORTED_SCHEDULER_OPTIONS:
         if raw.get(option):
@@ -321,7 +314,7 @@ class ZImagePipeline:
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
         home = torch.device("cpu") if offload else device
-        schedule, raw_schedule = _schedule_config(model.component("scheduler") / "scheduler_config.json")
+        schedule, raw_schedule = read_schedule_config(model.component("scheduler") / "scheduler_config.json")
 
         with _loading(model, "transformer"):
             transformer = S3DiT.from_pretrained(model.component("transformer"), dtype=dtype, device=home)
@@ -452,22 +445,6 @@ class ZImagePipeline:
         """
         if output_type not in OUTPUT_TYPES:
             raise ZImageKitError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
-        if num_inference_steps is None:
-            num_inference_steps = self.defaults["num_inference_steps"]
-        if guidance_scale is None:
-            guidance_scale = self.defaults["guidance_scale"]
-        if num_inference_steps < 1:
-            raise ZImageKitError(f"steps must be at least 1, got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise ZImageKitError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if guidance_scale < 0:
-            raise ZImageKitError(f"guidance scale must be >= 0 (0 turns guidance off), got {guidance_scale}")
-        if float(cfg_normalization) < 0:
-            raise ZImageKitError(f"cfg_normalization must be >= 0 (0 turns it off), got {cfg_normalization}")
-        if init_image is not None and not 0 < strength <= 1:
-            raise ZImageKitError(f"strength must be in (0, 1], got {strength}")
-        do_cfg = guidance_scale > 0
-
         # Prompts -> caption features, one list entry per image.
         if prompt_embeds is None:
             if prompt is None:
@@ -477,8 +454,15 @@ class ZImagePipeline:
             prompts = None
             prompt_embeds = list(prompt_embeds)
         num_prompts = len(prompts) if prompts is not None else len(prompt_embeds)
-        if num_prompts == 0:
-            raise ZImageKitError("the prompt list is empty")
+        images = _as_image_list(init_image, num_prompts) if init_image is not None else None
+        request = GenerationRequest(
+            num_prompts=num_prompts, width=width, height=height, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, cfg_normalization=float(cfg_normalization), cfg_truncation=cfg_truncation,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, img2img=images is not None,
+            strength=strength if images is not None else None, max_sequence_length=max_sequence_length,
+        ).validate().resolved(self.defaults, self.image_multiple, images[0].size if images else None)
+        do_cfg = request.guidance_scale > 0
+
         negatives = None
         if do_cfg and negative_prompt_embeds is None:
             if prompts is None and negative_prompt is None:
@@ -492,15 +476,10 @@ class ZImagePipeline:
             negative_prompt_embeds = encoded if negatives is not None else list(negative_prompt_embeds)
             if len(negative_prompt_embeds) != num_prompts:
                 raise ZImageKitError(f"{len(negative_prompt_embeds)} negative prompts for {num_prompts} prompts")
-        batch = num_prompts * num_images_per_prompt
+        batch = request.num_images
 
-        # Size, latent shape, schedule.
-        images = _as_image_list(init_image, num_prompts) if init_image is not None else None
-        if images is not None:
-            height = height or images[0].height // self.image_multiple * self.image_multiple
-            width = width or images[0].width // self.image_multiple * self.image_multiple
-        height, width = height or self.defaults["height"], width or self.defaults["width"]
-        check_image_size(width, height, self.image_multiple)
+        # Latent shape and schedule.
+        height, width, num_inference_steps = request.height, request.width, request.num_inference_steps
         shape = (
             batch,
             self.transformer.config.in_channels,
@@ -510,7 +489,7 @@ class ZImagePipeline:
         image_seq_len = self.transformer.config.image_tokens(shape[2], shape[3])
         sigmas = get_sigmas(num_inference_steps, self.schedule, image_seq_len)
         if images is not None:
-            sigmas = sigmas[img2img_start(num_inference_steps, strength) :]
+            sigmas = sigmas[img2img_start(num_inference_steps, request.strength) :]
 
         # Starting latents: noise, or (img2img) the noised image latents.
         generators = _generators(generator, seed, batch)
@@ -524,26 +503,14 @@ class ZImagePipeline:
             noise = latents if latents is not None else cpu_randn(shape, generators)
             x = add_noise(x0, noise.to(self.device, torch.float32), sigmas[0])
 
-        x = self._denoise(
-            x,
-            sigmas,
-            [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)],
-            [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)] if do_cfg else None,
-            guidance_scale,
-            float(cfg_normalization),
-            cfg_truncation,
-            callback,
-            progress,
-            generators,
-        )
+        caps = [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)]
+        neg_caps = [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)] if do_cfg else None
+        x = self._denoise(x, sigmas, caps, neg_caps, request, generators, callback=callback, progress=progress)
         if output_type == "latent":
             return x
         return self.decode(x, output_type)
 
-    def _denoise(
-        self, x, sigmas, caps, neg_caps, guidance_scale, cfg_normalization, cfg_truncation, callback, progress,
-        generators,
-    ):
+    def _denoise(self, x, sigmas, caps, neg_caps, request: GenerationRequest, generators, *, callback, progress):
         """Run the Euler sampler with the S3-DiT and Z-Image CFG; everything that depends only
         on the schedule (model times, guidance per step, caption batches) is built once here."""
         from tqdm.auto import tqdm
@@ -551,7 +518,7 @@ class ZImagePipeline:
         model = self.transformer
         batch = x.shape[0]
         caps = [c.to(self.device, model.dtype) for c in caps]
-        scales = cfg_scales(sigmas, guidance_scale, cfg_truncation) if neg_caps is not None else None
+        scales = cfg_scales(sigmas, request.guidance_scale, request.cfg_truncation) if neg_caps is not None else None
         both_caps = caps + [c.to(self.device, model.dtype) for c in neg_caps] if neg_caps is not None else None
         # The DiT's time input is t = 1 − σ (PAPER eq. 1 convention), one row per batch entry.
         times = time_from_sigma(sigmas[:-1]).to(self.device)
@@ -561,7 +528,7 @@ class ZImagePipeline:
             if scales is not None and scales[i] > 0:
                 out = model(torch.cat([latent, latent]), times[i].expand(2 * batch), both_caps)
                 pos, neg = out.squeeze(2).float().chunk(2)
-                return cfg_combine(pos, neg, scales[i], cfg_normalization)
+                return cfg_combine(pos, neg, scales[i], request.cfg_normalization)
             return model(latent, times[i].expand(batch), caps).squeeze(2).float()
 
         with self._on_device(model), tqdm(total=len(sigmas) - 1, disable=not progress, leave=False) as bar:

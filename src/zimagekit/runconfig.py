@@ -275,18 +275,3 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def add_run_commands(subparsers, train_help: str, export_help: str, example: str = "optim.lr=3e-4 train.steps=2000"):
-    """The ``train --config FILE [key=value ...]`` and ``export RUN_DIR OUT [--no-ema]``
-    subcommands every training stage has; returns both parsers for stage-specific flags."""
-    from pathlib import Path as _Path
-
-    train = subparsers.add_parser("train", help=train_help)
-    train.add_argument("--config", type=_Path, help="YAML/TOML run config (default: the dataclass defaults)")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides, e.g. {example}")
-    export = subparsers.add_parser("export", help=export_help)
-    export.add_argument("run_dir", type=_Path, help="the training run directory (holds config.yaml and checkpoints/)")
-    export.add_argument("out", type=_Path, help="the folder to write (replaced if it exists)")
-    export.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
-    return train, export

@@ -24,7 +24,7 @@ __all__ = [
     "add_noise",
     "cfg_combine",
     "cfg_scales",
-    "dynamic_time_shift",
+    "exponential_shift",
     "euler_step",
     "flux_mu",
     "get_sigmas",
@@ -34,7 +34,7 @@ __all__ = [
     "shift_sigmas",
     "sigma_from_time",
     "time_from_sigma",
-    "time_shift",
+    "static_shift",
     "training_sigmas",
     "velocity",
     "x0_from_velocity",
@@ -87,7 +87,7 @@ def noise_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 
 
-def time_shift(sigma, shift: float):
+def static_shift(sigma, shift: float):
     """Static resolution shift of a noise level: ``σ' = s·σ / (1 + (s − 1)·σ)``.
 
     Z-Image-Turbo uses s = 3 (scheduler_config.json); s > 1 spends more steps at high noise.
@@ -110,8 +110,8 @@ def flux_mu(
     return base_shift + slope * (image_seq_len - base_seq_len)
 
 
-def dynamic_time_shift(sigma, mu: float):
-    """Flux's exponential shift ``σ' = e^μ / (e^μ + (1/σ − 1))`` (equals ``time_shift`` with s = e^μ)."""
+def exponential_shift(sigma, mu: float):
+    """Flux's exponential shift ``σ' = e^μ / (e^μ + (1/σ − 1))`` (``static_shift`` with s = e^μ)."""
     return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 
@@ -151,14 +151,14 @@ def get_sigmas(num_steps: int, config: ScheduleConfig, image_seq_len: int | None
 
 def shift_sigmas(sigmas, config: ScheduleConfig, image_seq_len: int | None = None):
     """Apply the config's shift: Flux's dynamic shift by token count when
-    ``use_dynamic_shifting``, else the static ``time_shift``. Sampling and training share it,
+    ``use_dynamic_shifting``, else ``static_shift``. Sampling and training share it,
     so a model is sampled with the noise levels it was trained on."""
     if not config.use_dynamic_shifting:
-        return time_shift(sigmas, config.shift)
+        return static_shift(sigmas, config.shift)
     if image_seq_len is None:
         raise ValueError("dynamic shifting needs image_seq_len")
     mu = flux_mu(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
-    return dynamic_time_shift(sigmas, mu)
+    return exponential_shift(sigmas, mu)
 
 
 def training_sigmas(

@@ -22,17 +22,15 @@ simulation (DMD2's ``sample_backward``), so training and sampling see the same i
 Launch (prompts only: the world's training captions through the teacher folder's text
 encoder; no images)::
 
-    python -m zimagekit.algorithms.decoupled_dmd train --config configs/shapes/distill.yaml [key=value ...]
-    python -m zimagekit.algorithms.decoupled_dmd export runs/shapes-distill OUT_FOLDER
+    zimagekit distill --config configs/shapes/distill.yaml [key=value ...]
+    zimagekit distill export runs/shapes-distill OUT_FOLDER
 
 All time conventions come from :mod:`zimagekit.sampling` (σ = 1 − t; the S3-DiT gets t).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -40,9 +38,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import ZImageKitError, exit_code
+from ..errors import ZImageKitError
 from ..prompts import load_prompts
-from ..runconfig import add_run_commands, load_config, require_config
+from ..runconfig import load_config, require_config
 from ..s3dit import S3DiT, S3DiTConfig
 from ..sampling import (
     ScheduleConfig,
@@ -373,7 +371,7 @@ def as_student_pipeline(student: S3DiT, teacher_pipe, cfg: DistillConfig):
 def resolve(cfg: DistillConfig, pipe) -> DistillConfig:
     """``cfg`` with every "take the teacher's" null filled in from the teacher ``pipe``, so the
     run's saved config names the exact model, schedule and image size."""
-    from ..pipeline import check_image_size
+    from ..request import check_image_size
 
     teacher = pipe.transformer.config
     if cfg.model is not None and cfg.model != teacher:
@@ -438,30 +436,3 @@ def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     holds two bf16 transformers, not an fp32 one beside the teacher."""
     with atomic_folder(out) as tmp:
         student_pipeline(run_dir, use_ema).save_pretrained(tmp, torch.bfloat16)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zimagekit.algorithms.decoupled_dmd",
-                                     description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_run_commands(sub, "distil a teacher folder into an N-step student",
-                     "write a run's EMA student + the teacher's encoders as a Z-Image folder",
-                     example="distill.mode=coupled distill.student_steps=4")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # `zimagekit distill --config ...` hands its flags straight here: train is the default.
-    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        argv.insert(0, "train")
-    args = parser.parse_args(argv)
-
-    def run():
-        if args.command == "train":
-            print(f"run directory: {train(load_config(DistillConfig, args.config, args.overrides))}")
-        else:
-            export(args.run_dir, args.out, use_ema=not args.no_ema)
-            print(f"wrote {args.out}")
-
-    return exit_code(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

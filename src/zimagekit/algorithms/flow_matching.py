@@ -112,3 +112,17 @@ class FlowMatching(Algorithm):
         if self.sampler is None:
             return super().sample(prompts, seeds)
         return self.sampler(self.model, prompts, seeds)
+
+
+class LoRAFlowMatching(FlowMatching):
+    """Flow matching whose trained module is a LoRA on the (frozen) transformer."""
+
+    def __init__(self, lora, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = lora
+
+    def modules(self):
+        return {"lora": self.lora}
+
+    def training_step(self, batch, step):
+        return {"lora": super().training_step(batch, step)["transformer"]}

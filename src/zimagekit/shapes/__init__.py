@@ -1,7 +1,7 @@
 """The shapes world (a closed text-to-image task in GenEval's six categories) and its
 pixel-exact judge. See ``world.py`` for the world and ``judge.py`` for the judge."""
 
-from .judge import Detection, Judgement, Report, detect_objects, evaluate, judge_image
+from .judge import Detection, Judgement, Report, detect_objects, judge_all, judge_image
 from .world import (
     CATEGORIES,
     HELD_OUT,
@@ -29,7 +29,7 @@ __all__ = [
     "SceneObject",
     "detect_objects",
     "eval_prompts",
-    "evaluate",
+    "judge_all",
     "judge_image",
     "parse_prompt",
     "render",

@@ -38,7 +38,7 @@ from ..errors import ZImageKitError, exit_code
 from ..trainer import image_grid, load_trained
 from ..vae_codec import from_vae_output, to_uint8, to_vae_input
 from . import world
-from .judge import Report, evaluate as judge_evaluate, to_rgb
+from .judge import Report, judge_all, to_rgb
 
 IMAGE_SIZE = world.CANVAS
 
@@ -165,7 +165,7 @@ def measure(samples) -> tuple[Report, dict]:
     """Judge ``(image, prompt, {"entry": e, ...})`` samples and measure them: the report, and
     a row with the image count, each category's accuracy, ``overall`` (GenEval's mean of the
     categories) and the four distribution metrics."""
-    report = judge_evaluate(samples)
+    report = judge_all(samples)
     pixels = np.stack([to_rgb(im) for im, *_ in samples]).astype(np.float64) / 255
     mean, std = mean_std(pixels)
     row = {"images": len(samples), **report.accuracy(), "overall": report.overall,
@@ -186,7 +186,7 @@ def format_metrics(row: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def evaluate(model_folder: Path, steps: int | None, guidance_scale: float | None, images_per_prompt: int = 4,
+def evaluate_folder(model_folder: Path, steps: int | None, guidance_scale: float | None, images_per_prompt: int = 4,
              out: Path | None = None, combos: str = "held_out") -> tuple[Report, dict]:
     """:func:`measure` of ``model_folder``'s eval set (``None``: the folder's default steps or
     guidance; ``combos``: the held-out prompts or their seen-combination twin). With ``out``,

@@ -273,7 +273,7 @@ class Report:
         return "\n".join(lines)
 
 
-def evaluate(samples) -> Report:
+def judge_all(samples) -> Report:
     """Judge ``(image, prompt)`` or ``(image, prompt, ids)`` tuples; ``ids`` (a dict, e.g.
     file name and seed) is copied into the image's record."""
     report = Report()
@@ -287,7 +287,7 @@ def evaluate(samples) -> Report:
 
 
 # ----------------------------------------------------------------------------------------
-# CLI: zimagekit eval
+# CLI: zimagekit shapes judge
 # ----------------------------------------------------------------------------------------
 
 
@@ -354,9 +354,9 @@ def load_folder(folder, unreadable: list[str] | None = None) -> list[tuple]:
 
 
 def main(argv=None) -> int:
-    """``zimagekit eval FOLDER``: judge a folder of shapes-world images, print the table."""
+    """``zimagekit shapes judge FOLDER``: judge a folder of shapes-world images, print the table."""
     parser = argparse.ArgumentParser(
-        prog="zimagekit eval",
+        prog="zimagekit shapes judge",
         description=(
             "Judge generated shapes-world images GenEval-style: each image is correct or not "
             "(with a reason), accuracy is reported per category and overall as the mean of "
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     unreadable: list[str] = []
     try:
-        report = evaluate(load_folder(args.folder, unreadable))
+        report = judge_all(load_folder(args.folder, unreadable))
         output = args.output or args.folder / "results.jsonl"
         try:
             report.write_jsonl(output)

@@ -7,6 +7,7 @@ evaluation (in :mod:`zimagekit.shapes.evaluation`).
     python -m zimagekit.shapes.teacher export runs/shapes-teacher OUT_FOLDER
     python -m zimagekit.shapes.teacher evaluate MODEL_FOLDER --steps 50 --cfg-scale 3 --out docs/...
     python -m zimagekit.shapes.teacher curve runs/shapes-teacher MODEL_FOLDER --out docs/...
+    python -m zimagekit.shapes.teacher render runs/shapes-scenes --scenes 50000   # a dataset for zimagekit train
 
 Both encoders are frozen, so the training set is encoded once and cached: scene i is
 ``world.sample_scene(seed + i)``, its latent is the VAE posterior mean (scaled like the
@@ -30,14 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..algorithms.flow_matching import FlowMatching, FlowMatchingConfig
+from ..cli.runs import add_run_commands
 from ..errors import ZImageKitError, exit_code
-from ..runconfig import add_run_commands, load_config
+from ..runconfig import load_config
 from ..s3dit import S3DiT
 from ..trainer import IndexDataSource, Trainer, load_trained, seed_everything
 from ..vae_codec import scale_latents, to_vae_input
 from ..fileio import atomic_folder, atomic_write
 from . import world
-from .evaluation import data_eval_set, evaluate, format_metrics, learning_curve, measure, write_curves
+from .evaluation import data_eval_set, evaluate_folder, format_metrics, learning_curve, measure, write_curves
 
 IMAGE_SIZE = world.CANVAS
 
@@ -151,6 +153,27 @@ def render_scenes(seeds: range, chunk: int = 2000) -> tuple[list[str], np.ndarra
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_render_range, parts))
     return [c for captions, _ in results for c in captions], np.concatenate([px for _, px in results])
+
+
+def render_dataset(out: Path, scenes: int, seed: int) -> None:
+    """Scenes ``seed .. seed + scenes - 1`` as PNGs under ``out/images/`` with their captions in
+    ``out/metadata.jsonl`` (Hugging Face imagefolder layout): the shapes world as a dataset any
+    image-caption trainer reads, ``zimagekit train`` included."""
+    import json
+
+    from PIL import Image
+
+    if scenes < 1 or seed < 0:
+        raise ZImageKitError(f"--scenes must be >= 1 and --seed >= 0, got {scenes} and {seed}")
+    captions, pixels = render_scenes(range(seed, seed + scenes))
+    with atomic_folder(out) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        rows = []
+        for i, (caption, px) in enumerate(zip(captions, pixels)):
+            name = f"images/{seed + i:08d}.png"
+            Image.fromarray(px).save(tmp / name)
+            rows.append(json.dumps({"file_name": name, "text": caption}))
+        (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 @torch.no_grad()
@@ -339,6 +362,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_commands(sub, "flow-matching pre-training of the shapes teacher",
                      "write a run's EMA transformer + encoders as a Z-Image model folder")
+    r = sub.add_parser("render", help="write scenes as an image folder with metadata.jsonl, the dataset layout "
+                       "`zimagekit train` reads (configs/shapes/teacher-train.yaml)")
+    r.add_argument("out", type=Path, help="the folder to write (replaced if it exists)")
+    r.add_argument("--scenes", type=int, default=50_000, help="how many scenes (default 50000)")
+    r.add_argument("--seed", type=int, default=1_000_000, help="scene i is world.sample_scene(seed + i) "
+                   "(default 1000000, the teacher's)")
     v = sub.add_parser("evaluate", help="judge a model folder on the held-out eval prompts")
     v.add_argument("model", type=Path, help="a Z-Image model folder")
     v.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -372,6 +401,9 @@ def main(argv=None) -> int:
     def run():
         if args.command == "train":
             print(f"run directory: {train(load_config(TeacherConfig, args.config, args.overrides))}")
+        elif args.command == "render":
+            render_dataset(args.out, args.scenes, args.seed)
+            print(f"wrote {args.scenes} scenes to {args.out}")
         elif args.command == "export":
             export(args.run_dir, args.out, use_ema=not args.no_ema)
             print(f"wrote {args.out}")
@@ -380,8 +412,8 @@ def main(argv=None) -> int:
                             args.prompts)
             print((args.out / "streams.md").read_text(), end="")
         elif args.command == "evaluate":
-            report, row = evaluate(args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out,
-                                   combos=args.prompts)
+            report, row = evaluate_folder(args.model, args.steps, args.cfg_scale, args.images_per_prompt,
+                                          args.out, combos=args.prompts)
             print(f"{report.summary()}\n{format_metrics(row)}")
         else:
             from ..pipeline import ZImagePipeline

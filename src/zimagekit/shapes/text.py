@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..cli.runs import add_run_commands
 from ..errors import ZImageKitError, exit_code
-from ..runconfig import add_run_commands, load_config
+from ..runconfig import load_config
 from ..text_encoder import QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, chat_prompt, quiet_transformers
 from ..trainer import EMA, Algorithm, IndexDataSource, TrainConfig, Trainer, seed_everything
 from . import world
@@ -383,7 +384,7 @@ def caption_nll(lm, tokenizer, captions: list[str]) -> float:
     return -(token_logp * scored).sum().item() / scored.sum().item()
 
 
-def evaluate(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 2000) -> dict[str, float]:
+def caption_perplexity(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 2000) -> dict[str, float]:
     """Per-token caption NLL of an exported encoder (its tied embeddings are the LM head) on
     ``captions`` fresh training-split captions and on the evaluation prompts that name a
     held-out colour-shape combination, which the encoder never saw together."""
@@ -493,7 +494,7 @@ def main(argv=None) -> int:
             for name, acc in linear_probe(args.text_encoder, args.tokenizer).items():
                 print(f"{name}: {acc:.3f} held-out accuracy")
         else:
-            for split, nll in evaluate(args.text_encoder, args.tokenizer).items():
+            for split, nll in caption_perplexity(args.text_encoder, args.tokenizer).items():
                 print(f"{split}: {nll:.4f} nats/token, perplexity {math.exp(nll):.3f}")
 
     return exit_code(run)

@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..cli.runs import add_run_commands
 from ..errors import ZImageKitError, exit_code
 from ..fileio import atomic_folder
-from ..runconfig import add_run_commands, load_config, require_config
+from ..runconfig import load_config, require_config
 from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, load_trained, seed_everything
 from ..vae_codec import to_vae_input
 from . import world
-from .judge import Report, evaluate as judge_evaluate
+from .judge import Report, judge_all
 
 # ----------------------------------------------------------------------------------------
 # Config
@@ -289,8 +290,8 @@ def evaluate_reconstructions(vae, layouts: int = 4, seed: int = 0) -> Reconstruc
     recons = reconstruct(vae, originals)
     mse = np.mean((recons.astype(np.float64) - originals) ** 2)
     return ReconstructionEval(
-        judge_evaluate((im, s.prompt) for im, s in zip(originals, scenes)),
-        judge_evaluate((im, s.prompt) for im, s in zip(recons, scenes)),
+        judge_all((im, s.prompt) for im, s in zip(originals, scenes)),
+        judge_all((im, s.prompt) for im, s in zip(recons, scenes)),
         float(10 * np.log10(255**2 / max(mse, 1e-12))),
     )
 

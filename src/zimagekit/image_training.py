@@ -1,11 +1,13 @@
-"""``zimagekit train``: flow-matching training of Z-Image's S3-DiT on an image-caption dataset,
-as full fine-tuning, LoRA, or pre-training from scratch, on one process or many. The same
-config file serves every scale (docs/training.md has the exact commands)::
+"""Flow-matching training of Z-Image's S3-DiT on an image-caption dataset (``zimagekit train``),
+as full fine-tuning, LoRA, or pre-training from scratch, on one process or many, and the
+export of a run as a Z-Image folder. The same config file serves every scale
+(docs/training.md has the exact commands)::
 
     zimagekit train --config configs/train-lora.yaml                               # one GPU
     torchrun --standalone --nproc_per_node=8 -m zimagekit train --config configs/train-lora.yaml
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         --rdzv-id=run1 -m zimagekit train --config configs/train-lora.yaml        # on each node
+    zimagekit train export runs/lora/3-sft OUT_FOLDER                              # LoRA merged in
 
 ``train.batch_size`` is each process's micro-batch: an update sees ``batch_size x
 grad_accum_steps x processes`` samples. The frozen VAE and text encoder of the ``pretrained``
@@ -17,11 +19,9 @@ run directory and starting from the previous phase's final weights.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,8 +29,9 @@ from typing import Literal
 import torch
 
 from . import parallel
-from .algorithms.flow_matching import FlowMatching, FlowMatchingConfig
-from .errors import ZImageKitError, exit_code
+from .algorithms.flow_matching import FlowMatching, FlowMatchingConfig, LoRAFlowMatching
+from .errors import ZImageKitError
+from .fileio import atomic_folder
 from .parallel import ParallelConfig
 from .runconfig import load_config
 
@@ -86,20 +87,6 @@ class ZImageTrainConfig(FlowMatchingConfig):
     phases: tuple[Phase, ...] = ()  # empty: one run as configured
 
 
-class LoRAFlowMatching(FlowMatching):
-    """Flow matching whose trained module is a LoRA on the (frozen) transformer."""
-
-    def __init__(self, lora, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lora = lora
-
-    def modules(self):
-        return {"lora": self.lora}
-
-    def training_step(self, batch, step):
-        return {"lora": super().training_step(batch, step)["transformer"]}
-
-
 def phase_configs(cfg: ZImageTrainConfig) -> list[ZImageTrainConfig]:
     """One config per phase, each in its own run directory under the run's."""
     if not cfg.phases:
@@ -130,16 +117,37 @@ def _encoded_data(cfg: ZImageTrainConfig, folder, device):
     encoders = [folder.component(n) for n in ("vae", "text_encoder", "tokenizer")]
     key = cache_key(dataset, encoders, buckets, cfg.data.max_sequence_length, enhancer.name)
 
-    def load_encoders():
-        from diffusers import AutoencoderKL
+    return build_cache(dataset, Path(cfg.data.cache_dir), key, lambda: _load_encoders(folder, device), enhancer,
+                       buckets, cfg.data.max_sequence_length, device)
 
-        from .pipeline import load_text_encoder
 
-        vae = AutoencoderKL.from_pretrained(folder.component("vae"), local_files_only=True).to(device).eval()
-        return vae.requires_grad_(False), load_text_encoder(folder.root, torch.float32, device)
+def _load_encoders(folder, device):
+    """The folder's VAE and text encoder, frozen, fp32."""
+    from diffusers import AutoencoderKL
 
-    return build_cache(dataset, Path(cfg.data.cache_dir), key, load_encoders, enhancer, buckets,
-                       cfg.data.max_sequence_length, device)
+    from .pipeline import load_text_encoder
+
+    vae = AutoencoderKL.from_pretrained(folder.component("vae"), local_files_only=True).to(device).eval()
+    return vae.requires_grad_(False), load_text_encoder(folder.root, torch.float32, device)
+
+
+def _sampler(folder, device, resolution: int):
+    """``sampler(model, prompts, seeds)`` for the trainer's grid: the folder's pipeline (its VAE,
+    text encoder, scheduler, steps and guidance) around the model being trained, which is what
+    ``export`` will write, at the square training resolution. Loads both encoders once more, so
+    it costs their memory for the whole run; it is built only when ``train.sample_every`` asks
+    for grids."""
+    from .pipeline import ZImagePipeline, read_schedule_config
+
+    vae, text = _load_encoders(folder, device)
+    schedule, raw = read_schedule_config(folder.component("scheduler") / "scheduler_config.json")
+
+    def sample(model, prompts, seeds):
+        pipe = ZImagePipeline(model, vae, text, schedule, device, scheduler_config=raw, defaults=folder.defaults)
+        return [pipe(p, height=resolution, width=resolution, seed=s, progress=False)[0]
+                for p, s in zip(prompts, seeds)]
+
+    return sample
 
 
 def _transformer(cfg: ZImageTrainConfig, folder, device):
@@ -183,7 +191,8 @@ def train_phase(cfg: ZImageTrainConfig, device, previous: Path | None = None) ->
     latent, caption = cache[0]
     p = model.config.all_patch_size[0]
     tokens = (latent.shape[-2] * latent.shape[-1] // p**2, caption.shape[0])
-    args = (model, cfg.flow, cache.empty_caption().to(device))
+    sampler = _sampler(folder, device, cfg.data.resolution) if cfg.train.sample_every else None
+    args = (model, cfg.flow, cache.empty_caption().to(device), sampler)
     kwargs = dict(tokens_per_sample=tokens, data_parallel=(rank, world))
     algorithm = LoRAFlowMatching(lora, *args, **kwargs) if lora is not None else FlowMatching(*args, **kwargs)
 
@@ -220,21 +229,28 @@ def train(cfg: ZImageTrainConfig) -> Path:
         parallel.shutdown()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="zimagekit train", description=__doc__.split("\n\n")[0],
-                                     epilog="Launch under torchrun for several processes; see docs/training.md.")
-    parser.add_argument("--config", type=Path, help="YAML/TOML run config (e.g. configs/train-lora.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. optim.lr=1e-4 train.batch_size=2 parallel.strategy=ddp")
-    args = parser.parse_args(argv)
+def export(run_dir: Path, out: Path, use_ema: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write run ``run_dir`` (one phase's directory) as a Z-Image folder: its transformer (EMA
+    weights by default; a LoRA run's adapters merged into the base), stored in ``dtype`` as
+    Z-Image's own transformer is, beside byte-for-byte copies of the ``pretrained`` folder's
+    other components and ``model_index.json``."""
+    from .lora import LoRA
+    from .pipeline import ModelFolder
+    from .trainer import load_trained
 
-    def run():
-        run_dir = train(load_config(ZImageTrainConfig, args.config, args.overrides))
-        if os.environ.get("RANK", "0") == "0":  # torchrun's rank; the process group is gone by now
-            print(f"run directory: {run_dir}")
-
-    return exit_code(run)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise ZImageKitError(f"{run_dir}: not a training run (config.yaml is missing); for a run with phases, export "
+                             f"a phase's directory, e.g. {Path(run_dir) / '1-...'}")
+    cfg = load_config(ZImageTrainConfig, Path(run_dir) / "config.yaml")
+    folder = ModelFolder.open(cfg.pretrained)
+    model = _transformer(cfg, folder, "cpu")
+    if cfg.lora.rank:
+        lora = LoRA.create(model, cfg.lora.rank, cfg.lora.alpha)
+        load_trained(run_dir, "lora", lora, use_ema)
+        lora.merge()  # its hooks add nothing once merged; the saved weights are the merged ones
+    else:
+        load_trained(run_dir, "transformer", model, use_ema)
+    with atomic_folder(out) as tmp:
+        shutil.copytree(folder.root, tmp, dirs_exist_ok=True, ignore=lambda d, names: (
+            ["transformer"] if Path(d).resolve() == folder.root.resolve() else []))
+        model.to(dtype).save_pretrained(tmp / "transformer")

@@ -1,122 +1,21 @@
-"""The ``zimagekit`` command: ``generate``, ``train``, ``eval``, ``inspect``, ``plan``, ``distill``, ``shapes``.
-
-Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
-
-    zimagekit generate "a red fox in snow" --model ./Z-Image-Turbo -W 1024 -H 768 -s 42
-    zimagekit generate -p "a cat" --num-images 4 -o cats_%03d.png --cfg-scale 0
-    zimagekit generate --prompt-file prompts.txt --model ./Z-Image-Turbo -o out_%03d.png
-    zimagekit generate "oil painting" --init-image photo.png --strength 0.6 --model ./Z-Image-Turbo
-
-A problem with the input prints one ``error: ...`` line on stderr and exits 2; no output file
-is left behind.  Heavy imports (torch, transformers, diffusers) happen only when a command runs,
-so ``--help`` is instant.
-"""
+"""``zimagekit generate``: its flags, their checks before any weight loads, and the loop that
+writes the images (batched: ``--batch-size`` images per pipeline call)."""
 
 from __future__ import annotations
 
-import argparse
-import logging
 import math
 import os
 import random
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import ZImageKitError
-from .shipped import TURBO_DEFAULTS, default_model_folder, recorded_defaults
+from ..errors import ZImageKitError
+from ..shipped import TURBO_DEFAULTS, default_model_folder, recorded_defaults
 
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in the same one-line form as every other error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="zimagekit", description="Z-Image (S3-DiT) tools.")
-    parser.add_argument("--version", action="version", version=f"zimagekit {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _add_generate(commands)
-    _add_delegated(commands, "train", "flow-matching training (full, LoRA, from scratch) on an image-caption dataset; "
-                   "torchrun for several GPUs", "zimagekit.train")
-    _add_delegated(commands, "eval", "judge a folder of shapes-world images (GenEval-style accuracy)",
-                   "zimagekit.shapes.judge")
-    _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT", "zimagekit.inspection")
-    _add_delegated(commands, "plan", "per-GPU training memory of an S3-DiT for a GPU count and strategy",
-                   "zimagekit.plan")
-    _add_delegated(commands, "distill", "Decoupled-DMD: distil a teacher folder into a few-step student",
-                   "zimagekit.algorithms.decoupled_dmd")
-    commands.add_parser(
-        "shapes", help=f"train, export and evaluate the shapes-world models: zimagekit shapes {{{','.join(SHAPES_STAGES)}}} "
-        "{train,export,evaluate} ...", add_help=False).set_defaults(delegated=True, run=_shapes)
-    args, rest = parser.parse_known_args(argv)
-    if rest and not getattr(args, "delegated", False):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
-    _show_warnings()
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return args.run(args)
-    except ZImageKitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-# Each stage of the shapes-world recipe, in training order; each module's main takes
-# train / export / evaluate subcommands (the tokenizer stage lives with the text encoder).
-SHAPES_STAGES = {"text": "zimagekit.shapes.text", "vae": "zimagekit.shapes.vae", "teacher": "zimagekit.shapes.teacher"}
-
-
-def _shapes(args) -> int:
-    import importlib
-
-    if not args.rest or args.rest[0] in ("-h", "--help"):
-        print("usage: zimagekit shapes STAGE COMMAND [options]\n\nstages, in training order:\n"
-              "  text     tokenizer OUT | train --config ... | export RUN OUT | evaluate ...\n"
-              "  vae      train --config ... | export RUN OUT | evaluate ...\n"
-              "  teacher  train --config ... | export RUN OUT | evaluate MODEL ...\n\n"
-              "zimagekit shapes STAGE --help explains each; configs/shapes/*.yaml are the shipped runs' configs.")
-        return 0 if args.rest else 2
-    stage, *rest = args.rest
-    if stage not in SHAPES_STAGES:
-        raise ZImageKitError(f"unknown shapes stage {stage!r}; choose one of {', '.join(SHAPES_STAGES)}")
-    return importlib.import_module(SHAPES_STAGES[stage]).main(rest)
-
-
-def _add_delegated(commands, name: str, help: str, module: str) -> None:
-    """A subcommand whose flags belong to ``module.main(argv)``: everything after the name is
-    handed over unparsed, so ``zimagekit NAME --help`` prints that module's own help."""
-    import importlib
-
-    commands.add_parser(name, help=help, add_help=False).set_defaults(
-        delegated=True, run=lambda args: importlib.import_module(module).main(args.rest))
-
-
-def _show_warnings() -> None:
-    """Print zimagekit's warnings (e.g. a prompt cut at max_sequence_length) as one line each."""
-    log = logging.getLogger("zimagekit")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.WARNING)
-
-
-# ---------------------------------------------------------------------------------------------
-# generate
-# ---------------------------------------------------------------------------------------------
-
-
-def _add_generate(commands) -> None:
+def add_generate(commands) -> None:
     # --help states the defaults of the model a plain call would use (JSON only, no torch).
     folder = os.environ.get("ZIMAGEKIT_MODEL") or default_model_folder()
     d = recorded_defaults(folder) if folder else dict(TURBO_DEFAULTS)
@@ -256,6 +155,11 @@ def _add_generate(commands) -> None:
         metavar="FILE[:SCALE]",
         help="merge a LoRA (diffusers key format, .safetensors) into the transformer at SCALE (default 1); repeatable",
     )
+    g.add_argument(
+        "--batch-size", type=int, default=4, metavar="N",
+        help="images per transformer batch; more is faster until memory runs out, and never changes an image "
+        "(default: 4)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -332,33 +236,24 @@ def _lora_spec(spec: str) -> tuple[Path, float]:
     return Path(path), scale
 
 
-def _check_numbers(args, images: int) -> None:
-    for flag, value in (("--cfg-scale", args.cfg_scale), ("--cfg-normalization", args.cfg_normalization),
-                        ("--cfg-truncation", args.cfg_truncation), ("--strength", args.strength)):
-        if value is not None and not math.isfinite(value):
-            raise ZImageKitError(f"{flag} must be a finite number, got {value}")
-    for flag, value in (("--width", args.width), ("--height", args.height)):
-        if value is not None and value < 1:
-            raise ZImageKitError(f"{flag} must be a positive number of pixels, got {value} (leave it out for the "
-                                 f"model's default)")
-    if args.seed > 2**64 - images:
-        raise ZImageKitError(f"--seed {args.seed} is too large: the {images} image(s) use seeds seed .. seed + "
-                             f"{images - 1}, and a seed is at most 2^64 - 1")
-    if args.steps is not None and args.steps < 1:
-        raise ZImageKitError(f"--steps must be at least 1, got {args.steps}")
-    if args.num_images < 1:
-        raise ZImageKitError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise ZImageKitError(f"--cfg-scale must be >= 0 (0 turns guidance off), got {args.cfg_scale}")
-    if args.cfg_normalization < 0:
-        raise ZImageKitError(f"--cfg-normalization must be >= 0, got {args.cfg_normalization}")
-    if args.max_sequence_length < 1:
-        raise ZImageKitError(f"--max-sequence-length must be at least 1, got {args.max_sequence_length}")
-    if args.strength is not None:
-        if args.init_image is None:
-            raise ZImageKitError("--strength needs --init-image")
-        if not 0 < args.strength <= 1:
-            raise ZImageKitError(f"--strength must be in (0, 1], got {args.strength}")
+# How the command's errors name each setting of a GenerationRequest.
+FLAGS = {
+    "width": "--width", "height": "--height", "num_inference_steps": "--steps", "guidance_scale": "--cfg-scale",
+    "cfg_normalization": "--cfg-normalization", "cfg_truncation": "--cfg-truncation",
+    "num_images_per_prompt": "--num-images", "seed": "--seed", "strength": "--strength",
+    "max_sequence_length": "--max-sequence-length", "init_image": "--init-image",
+}
+
+
+def _request(args, num_prompts: int, seed: int):
+    from ..request import GenerationRequest
+
+    return GenerationRequest(
+        num_prompts=num_prompts, width=args.width, height=args.height, num_inference_steps=args.steps,
+        guidance_scale=args.cfg_scale, cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
+        num_images_per_prompt=args.num_images, seed=seed, img2img=args.init_image is not None,
+        strength=args.strength, max_sequence_length=args.max_sequence_length,
+    ).validate(FLAGS)
 
 
 def _check_prompt_lengths(folder, prompts: list[str], max_sequence_length: int) -> None:
@@ -369,7 +264,7 @@ def _check_prompt_lengths(folder, prompts: list[str], max_sequence_length: int) 
         return
     from transformers import AutoTokenizer
 
-    from .text_encoder import chat_prompt
+    from ..text_encoder import chat_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(folder.component("tokenizer"))
     lengths = [min(len(ids), max_sequence_length)
@@ -396,7 +291,7 @@ def _open_init_image(path: Path):
 
 def _save_image(image, path: Path, metadata) -> None:
     """Write under a temporary name in the same folder, then rename: never a half-written file."""
-    from .fileio import atomic_write
+    from ..fileio import atomic_write
 
     fmt = IMAGE_EXTENSIONS[path.suffix.lower()]
     extra = {"pnginfo": metadata} if metadata is not None and fmt == "PNG" else {}
@@ -409,95 +304,87 @@ def _save_image(image, path: Path, metadata) -> None:
 def _generate(args) -> int:
     # Cheap checks first, so a typo never waits for gigabytes of weights.
     prompts = _prompts(args)
-    _check_numbers(args, len(prompts) * max(args.num_images, 1))
+    if args.batch_size < 1:
+        raise ZImageKitError(f"--batch-size must be at least 1, got {args.batch_size}")
+    seed = args.seed if args.seed >= 0 else random.SystemRandom().randrange(2**32)
+    request = _request(args, len(prompts), seed)
     model = args.model or default_model_folder()
     if model is None:
         raise ZImageKitError(
             "no model: pass --model FOLDER (a Z-Image folder in the Hugging Face layout) or set ZIMAGEKIT_MODEL"
         )
     loras = [_lora_spec(spec) for spec in args.lora]
-    paths = _output_paths(args.output, len(prompts) * args.num_images)
+    paths = _output_paths(args.output, request.num_images)
     init_image = _open_init_image(args.init_image) if args.init_image is not None else None
-    strength = args.strength if args.strength is not None else 0.6
 
     import torch
 
-    from .pipeline import (
-        ModelFolder,
-        ZImagePipeline,
-        check_image_size,
-        load_text_encoder,
-        resolve_device,
-        resolve_dtype,
-    )
-    from .pngmeta import GenerationInfo, png_info
+    from ..pipeline import ModelFolder, ZImagePipeline, load_text_encoder, resolve_device, resolve_dtype
+    from ..pngmeta import GenerationInfo, png_info
 
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
     folder = ModelFolder.open(model)
-    multiple = folder.image_multiple
-    width = args.width or (init_image.width // multiple * multiple if init_image else folder.defaults["width"])
-    height = args.height or (init_image.height // multiple * multiple if init_image else folder.defaults["height"])
-    steps = args.steps if args.steps is not None else folder.defaults["num_inference_steps"]
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else folder.defaults["guidance_scale"]
-    check_image_size(width, height, multiple)
-    _check_prompt_lengths(folder, prompts, args.max_sequence_length)
+    request = request.resolved(folder.defaults, folder.image_multiple, init_image.size if init_image else None)
+    _check_prompt_lengths(folder, prompts, request.max_sequence_length)
     trained = (folder.defaults["width"], folder.defaults["height"])
-    if folder.records_size and (width, height) != trained:
-        print(f"note: {folder.root.name} was trained at {trained[0]}x{trained[1]}; at {width}x{height} expect "
-              "worse images")
-
-    seed = args.seed if args.seed >= 0 else random.SystemRandom().randrange(2**32)
+    if folder.records_size and (request.width, request.height) != trained:
+        print(f"note: {folder.root.name} was trained at {trained[0]}x{trained[1]}; at {request.width}x"
+              f"{request.height} expect worse images")
     print(f"seed: {seed}")
 
     # Text encoder first, alone: encode every prompt, drop it, then load the transformer, so the
     # two are never in memory together (the README's memory plan).
     encoder = load_text_encoder(folder.root, dtype, device)
-    use_cfg = cfg_scale > 0
-    embeds = encoder.encode(prompts, args.max_sequence_length)
-    negative = encoder.encode([args.negative_prompt], args.max_sequence_length)[0] if use_cfg else None
+    use_cfg = request.guidance_scale > 0
+    embeds = encoder.encode(prompts, request.max_sequence_length)
+    negative = encoder.encode([args.negative_prompt], request.max_sequence_length)[0] if use_cfg else None
     del encoder
     pipe = ZImagePipeline.from_pretrained(folder.root, dtype, device, offload=args.offload, load_text_encoder=False)
     if loras:
-        from .lora import LoRA
+        from ..lora import LoRA
 
         for path, scale in loras:
             LoRA.load(pipe.transformer, path, scale).merge()
 
+    # One entry per image, prompt by prompt; image k has seed + k whatever the batching, so a
+    # batch size never changes an image.
+    per_image = [(prompt, embed) for prompt, embed in zip(prompts, embeds) for _ in range(request.num_images_per_prompt)]
+    seeds = request.image_seeds()
     model_name = folder.root.resolve().name
     k = 0  # images written so far, in the order of paths
     try:
-        for number, (prompt, embed) in enumerate(zip(prompts, embeds), start=1):
-            if len(prompts) > 1:
-                print(f"prompt {number}/{len(prompts)}: {prompt}")
-            seeds = [seed + k + j for j in range(args.num_images)]
+        for start in range(0, len(per_image), args.batch_size):
+            chunk = range(start, min(start + args.batch_size, len(per_image)))
+            if len(per_image) > len(chunk):
+                print(f"images {chunk.start + 1}-{chunk.stop} of {len(per_image)}")
             images = pipe(
-                prompt_embeds=[embed],
-                negative_prompt_embeds=[negative] if use_cfg else None,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=cfg_scale,
-                cfg_normalization=args.cfg_normalization,
-                cfg_truncation=args.cfg_truncation,
-                num_images_per_prompt=args.num_images,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                prompt_embeds=[per_image[i][1] for i in chunk],
+                negative_prompt_embeds=[negative] * len(chunk) if use_cfg else None,
+                height=request.height,
+                width=request.width,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                cfg_normalization=request.cfg_normalization,
+                cfg_truncation=request.cfg_truncation,
+                generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in chunk],
                 init_image=init_image,
-                strength=strength,
+                strength=request.strength,
+                max_sequence_length=request.max_sequence_length,
                 progress=not args.no_progress,
             )
-            for image, image_seed in zip(images, seeds):
+            for image, i in zip(images, chunk):
                 info = GenerationInfo(
-                    prompt=prompt,
+                    prompt=per_image[i][0],
                     negative_prompt=args.negative_prompt if use_cfg else "",
-                    steps=steps,
-                    cfg_scale=cfg_scale,
-                    seed=image_seed,
-                    width=width,
-                    height=height,
+                    steps=request.num_inference_steps,
+                    cfg_scale=request.guidance_scale,
+                    seed=seeds[i],
+                    width=request.width,
+                    height=request.height,
                     model=model_name,
-                    cfg_normalization=args.cfg_normalization,
-                    cfg_truncation=args.cfg_truncation,
-                    strength=strength if init_image is not None else None,
+                    cfg_normalization=request.cfg_normalization,
+                    cfg_truncation=request.cfg_truncation,
+                    strength=request.strength if init_image is not None else None,
                     loras=tuple(f"{path.stem}:{scale:g}" for path, scale in loras),
                 )
                 _save_image(image, paths[k], None if args.no_metadata else png_info(info))
@@ -509,7 +396,3 @@ def _generate(args) -> int:
                   file=sys.stderr)
         raise
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
