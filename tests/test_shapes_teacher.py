@@ -23,7 +23,7 @@ def encoders(tmp_path_factory, qwen3_tokenizer):
     AutoencoderKL(**TINY_VAE).save_pretrained(root / "vae")
     Qwen3Model(Qwen3Config(**TINY_QWEN3)).save_pretrained(root / "text_encoder")
     qwen3_tokenizer.save_pretrained(root / "tokenizer")
-    return teacher.DataSection(vae=str(root / "vae"), text_encoder=str(root / "text_encoder"),
+    return teacher.SceneData(vae=str(root / "vae"), text_encoder=str(root / "text_encoder"),
                                tokenizer=str(root / "tokenizer"), scenes=24, cache_dir=str(root / "cache"))
 
 

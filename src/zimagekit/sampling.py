@@ -30,7 +30,9 @@ __all__ = [
     "get_sigmas",
     "img2img_start",
     "noise_from_velocity",
+    "gaussian_log_prob",
     "sample_euler",
+    "sde_step",
     "shift_sigmas",
     "sigma_from_time",
     "time_from_sigma",
@@ -196,6 +198,50 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Ten
     diffusers to the last bit.
     """
     return x + (sigma_next - sigma) * (-v)
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise_level: float,
+    noise: torch.Tensor | None = None,
+    sigma_cap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One step of the SDE whose marginals are the ODE's (Flow-GRPO, arXiv 2505.05470 §4.2),
+    written in zimagekit's convention (v = x0 − ε, dt = σ_next − σ < 0).
+
+    Flow-GRPO's mean, with its velocity ε − x0 = −v, is ``x + [−v + s²/(2σ)·(x − (1 − σ)·v)]·dt``;
+    ``x − (1 − σ)·v`` is the noise estimate ε̂, so the mean is the Euler step plus
+    ``s²/(2σ)·ε̂·dt``, the score term that keeps the marginals while noise of std
+    ``s·√(−dt)`` is added, with ``s = noise_level·√(σ/(1 − σ))``. At σ = 1 that is infinite;
+    as in Flow-GRPO the denominator then uses ``sigma_cap`` (the grid's second σ).
+    With ``noise_level = 0`` the step is :func:`euler_step` exactly.
+
+    Returns ``(x_next, mean, std)``; ``x_next = mean + std·noise`` (``noise`` drawn from the
+    global RNG when None)."""
+    dt = sigma_next - sigma
+    std = 0.0
+    mean = euler_step(x, v, sigma, sigma_next)
+    if noise_level > 0:
+        denominator = 1 - (sigma_cap if sigma >= 1 and sigma_cap is not None else sigma)
+        if denominator <= 0:
+            raise ValueError("sde_step at sigma = 1 needs sigma_cap < 1 (the grid's second sigma)")
+        s = noise_level * math.sqrt(sigma / denominator)
+        mean = mean + (s * s / (2 * sigma)) * noise_from_velocity(x, v, sigma) * dt
+        std = s * math.sqrt(-dt)
+    if noise is None:
+        noise = torch.randn_like(x)
+    return mean + std * noise, mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """``log N(x; mean, std²)`` per element, averaged over all but the first dimension: one
+    value per sample. The mean (not the sum) over elements is Flow-GRPO's, and makes the
+    policy ratio's scale independent of the latent size."""
+    elementwise = -((x - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return elementwise.flatten(1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ IMAGE_SIZE = world.CANVAS
 
 
 @dataclass
-class DataSection:
+class SceneData:
     """Where the frozen encoders come from and which scenes make the training set."""
 
     vae: str = "models/shapes-vae"
@@ -101,7 +101,7 @@ def build_transformer(cfg: "TeacherConfig") -> S3DiT:
 
 @dataclass
 class TeacherConfig(FlowMatchingConfig):
-    data: DataSection = field(default_factory=DataSection)
+    data: SceneData = field(default_factory=SceneData)
     teacher: TeacherSection = field(default_factory=TeacherSection)
 
 
@@ -110,7 +110,7 @@ class TeacherConfig(FlowMatchingConfig):
 # ----------------------------------------------------------------------------------------
 
 
-def load_encoders(data: DataSection, device: torch.device | str = "cpu"):
+def load_encoders(data: SceneData, device: torch.device | str = "cpu"):
     """The shapes VAE (diffusers AutoencoderKL) and text encoder, frozen, fp32, on ``device``."""
     from diffusers import AutoencoderKL
 
@@ -124,7 +124,7 @@ def load_encoders(data: DataSection, device: torch.device | str = "cpu"):
     return vae, text
 
 
-def _fingerprint(data: DataSection) -> str:
+def _fingerprint(data: SceneData) -> str:
     """Cache key: the scene range and the bytes of both encoders' weights and configs."""
     h = hashlib.sha256(f"{data.scenes}:{data.seed}:{world.CANVAS}".encode())
     for folder in (data.vae, data.text_encoder, data.tokenizer):
@@ -177,7 +177,7 @@ def render_dataset(out: Path, scenes: int, seed: int) -> None:
 
 
 @torch.no_grad()
-def encode_scenes(data: DataSection, vae, text, batch: int = 64) -> dict[str, torch.Tensor]:
+def encode_scenes(data: SceneData, vae, text, batch: int = 64) -> dict[str, torch.Tensor]:
     """Latents (N, C, h, w) and caption features of scenes ``seed .. seed + N - 1``, cached in
     ``data.cache_dir`` under a key of the encoders' bytes, so a retrained encoder never
     reuses stale latents. Captions repeat a lot in this world: each distinct one is encoded once.
