@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +30,6 @@ import torch
 from . import parallel
 from .algorithms.flow_matching import FlowMatching, FlowMatchingConfig, LoRAFlowMatching
 from .errors import ZImageKitError
-from .fileio import atomic_folder
 from .parallel import ParallelConfig
 from .runconfig import load_config
 
@@ -231,11 +229,11 @@ def train(cfg: ZImageTrainConfig) -> Path:
 
 def export(run_dir: Path, out: Path, use_ema: bool = True, dtype: torch.dtype = torch.bfloat16) -> None:
     """Write run ``run_dir`` (one phase's directory) as a Z-Image folder: its transformer (EMA
-    weights by default; a LoRA run's adapters merged into the base), stored in ``dtype`` as
+    weights when the run kept them and ``use_ema``; a LoRA run's adapters merged into the base), stored in ``dtype`` as
     Z-Image's own transformer is, beside byte-for-byte copies of the ``pretrained`` folder's
     other components and ``model_index.json``."""
     from .lora import LoRA
-    from .pipeline import ModelFolder
+    from .pipeline import ModelFolder, save_with_transformer
     from .trainer import load_trained
 
     if not (Path(run_dir) / "config.yaml").is_file():
@@ -246,11 +244,8 @@ def export(run_dir: Path, out: Path, use_ema: bool = True, dtype: torch.dtype = 
     model = _transformer(cfg, folder, "cpu")
     if cfg.lora.rank:
         lora = LoRA.create(model, cfg.lora.rank, cfg.lora.alpha)
-        load_trained(run_dir, "lora", lora, use_ema)
+        load_trained(run_dir, "lora", lora, use_ema and cfg.ema.enabled)
         lora.merge()  # its hooks add nothing once merged; the saved weights are the merged ones
     else:
-        load_trained(run_dir, "transformer", model, use_ema)
-    with atomic_folder(out) as tmp:
-        shutil.copytree(folder.root, tmp, dirs_exist_ok=True, ignore=lambda d, names: (
-            ["transformer"] if Path(d).resolve() == folder.root.resolve() else []))
-        model.to(dtype).save_pretrained(tmp / "transformer")
+        load_trained(run_dir, "transformer", model, use_ema and cfg.ema.enabled)
+    save_with_transformer(folder, model, out, dtype)

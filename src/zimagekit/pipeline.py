@@ -250,6 +250,22 @@ def read_schedule_config(path: Path) -> tuple[ScheduleConfig, dict]:
     return ScheduleConfig(**{k: v for k, v in raw.items() if k in known}), raw
 
 
+def save_with_transformer(folder: ModelFolder, transformer: S3DiT, out: Path, dtype: torch.dtype) -> None:
+    """Write ``folder`` to ``out`` with ``transformer`` in place of its own, stored in ``dtype``
+    (the module is cast in place: no second copy of a 6B model), every other component and
+    ``model_index.json`` copied byte for byte, atomically (a failure leaves ``out`` as it was).
+    How a trained or post-trained transformer ships."""
+    import shutil
+
+    from .fileio import atomic_folder
+
+    root = folder.root.resolve()
+    with atomic_folder(Path(out)) as tmp:
+        shutil.copytree(root, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: ["transformer"] if Path(d).resolve() == root else [])
+        transformer.to(dtype).save_pretrained(tmp / "transformer")
+
+
 # ---------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------

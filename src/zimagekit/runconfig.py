@@ -49,6 +49,17 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.
     return cfg
 
 
+def peek_config(path: str | Path | None, overrides: typing.Iterable[str], key: str, default=None):
+    """The value a top-level ``key`` will have (the last ``key=value`` override, else the
+    file's, else ``default``), read before choosing which config class to load."""
+    value = _read_file(Path(path)).get(key, default) if path is not None else default
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        if sep and name.strip() == key:
+            value = yaml.safe_load(text)
+    return value
+
+
 def apply_override(cfg: C, item: str) -> C:
     """A copy of ``cfg`` with one ``dotted.key=value`` applied. The value is YAML
     (``[0.9, 0.95]``, ``null``, ``true``), except for text fields, which take the raw text so

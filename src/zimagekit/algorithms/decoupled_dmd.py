@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ZImageKitError
-from ..prompts import load_prompts
 from ..runconfig import load_config, require_config
 from ..s3dit import S3DiT, S3DiTConfig
 from ..sampling import (
@@ -55,7 +54,8 @@ from ..sampling import (
     x0_from_velocity,
 )
 from ..fileio import atomic_folder
-from ..trainer import Algorithm, IndexDataSource, TrainConfig, Trainer, load_trained, seed_everything
+from .prompt_data import PromptData, prompt_source
+from ..trainer import Algorithm, TrainConfig, Trainer, load_trained, seed_everything
 from .flow_matching import Sampler
 
 # ----------------------------------------------------------------------------------------
@@ -122,25 +122,10 @@ class DistillSection:
 
 
 @dataclass
-class DistillData:
-    """The teacher folder and the prompt source (:func:`zimagekit.prompts.load_prompts`): a
-    .txt/.jsonl/.csv file, a dataset folder's captions, or ``module:function``. ``count``
-    keeps the first prompts of a file (null: all) or draws that many from a function with
-    ``seed``; the shapes configs draw the captions of the teacher's training scenes
-    (``zimagekit.shapes.world:training_prompts``)."""
+class DistillData(PromptData):
+    """The teacher folder, and the prompts (see :class:`PromptData`) the student is distilled on."""
 
     teacher: str = "src/zimagekit/models/shapes-teacher"
-    prompts: str | None = None
-    count: int | None = 20_000
-    seed: int = 0
-    column: str | None = None  # the .jsonl/.csv column; null: prompt, text or caption
-    # Image size the student is distilled at; null: the teacher folder's default.
-    height: int | None = None
-    width: int | None = None
-
-    def __post_init__(self):
-        require_config(self.count is None or self.count >= 1, "data.count", f"must be >= 1 or null, got {self.count}")
-        require_config(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass
@@ -384,17 +369,6 @@ def resolve(cfg: DistillConfig, pipe) -> DistillConfig:
     return replace(cfg, model=teacher, distill=distill, data=data)
 
 
-def prompt_source(pipe, data: DistillData, batch_size: int) -> IndexDataSource:
-    """Batches of caption features of the prompts of ``data``, from the teacher folder's text
-    encoder (which encodes each distinct prompt once)."""
-    if data.prompts is None:
-        raise ZImageKitError("data.prompts: name a prompt source (a .txt/.jsonl/.csv file, a dataset folder, or "
-                             "module:function such as zimagekit.shapes.world:training_prompts)")
-    features = pipe.encode_prompt(load_prompts(data.prompts, data.count, data.seed, data.column))
-    return IndexDataSource(lambda idx: {"captions": [features[i] for i in idx]}, len(features), batch_size,
-                           seed=data.seed)
-
-
 def train(cfg: DistillConfig) -> Path:
     from ..pipeline import ZImagePipeline
 
@@ -412,7 +386,7 @@ def train(cfg: DistillConfig) -> Path:
                                                      progress=False)
 
     algorithm = DecoupledDMD(pipe.transformer, cfg.distill, latent_shape, pipe.encode_prompt([""])[0], sampler)
-    trainer = Trainer(cfg, algorithm, prompt_source(pipe, cfg.data, cfg.train.batch_size))
+    trainer = Trainer(cfg, algorithm, prompt_source(pipe.encode_prompt, cfg.data, cfg.train.batch_size))
     trainer.fit()
     return trainer.run_dir
 

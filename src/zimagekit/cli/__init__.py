@@ -1,4 +1,4 @@
-"""The ``zimagekit`` command: ``generate``, ``train``, ``distill``, ``inspect``, ``plan``, ``shapes``.
+"""The ``zimagekit`` command: ``generate``, ``train``, ``distill``, ``rl``, ``inspect``, ``plan``, ``shapes``.
 
 Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                    "and export of a run as a Z-Image folder; torchrun for several GPUs", "zimagekit.cli.train")
     _add_delegated(commands, "distill", "Decoupled-DMD: distil a teacher folder into a few-step student",
                    "zimagekit.cli.distill")
+    _add_delegated(commands, "rl", "RL post-training of a Z-Image folder (Flow-GRPO) with a reward",
+                   "zimagekit.cli.rl")
     _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT",
                    "zimagekit.cli.inspect")
     _add_delegated(commands, "plan", "per-GPU training memory of an S3-DiT for a GPU count and strategy",

@@ -32,6 +32,8 @@ class Algorithm:
     # Groups that keep an EMA when ema.enabled; None: all of them. DMD keeps one for the
     # student only: the fake score's EMA would never be used.
     ema_groups: tuple[str, ...] | None = None
+    # Extra columns of the metric log (e.g. an RL run's mean reward), filled from metrics().
+    metric_names: tuple[str, ...] = ()
 
     def modules(self) -> dict[str, nn.Module]:
         """The trained modules by group name (letters, digits, underscores), the same
@@ -53,6 +55,12 @@ class Algorithm:
     def flops_per_sample(self) -> float | None:
         """Training FLOPs (forward + backward) per sample, for MFU; None: not logged."""
         return None
+
+    def metrics(self) -> dict[str, float]:
+        """The latest value of each of ``metric_names`` (a subset is fine, the same on every
+        process: missing ones stay empty in that row), read at every log step; the logged
+        value is the mean over processes."""
+        return {}
 
     def sample(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One image per (prompt, seed) pair, in order; used for the sample grid. Runs

@@ -277,7 +277,7 @@ class Trainer:
             return
         groups = list(self.modules)
         columns = ["step", *(f"loss/{g}" for g in groups), *(f"lr/{g}" for g in groups),
-                   *(f"grad_norm/{g}" for g in groups), "samples_per_s", "mfu"]
+                   *(f"grad_norm/{g}" for g in groups), "samples_per_s", "mfu", *self.algorithm.metric_names]
         main = parallel.is_main()
         log = MetricLog(self.run_dir, columns, self.step) if main else None
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), dynamic_ncols=True,
@@ -311,7 +311,7 @@ class Trainer:
                         mfu = self._flops_per_sample * speed / (self.cfg.mfu_peak_flops * world)
                     row = {"step": self.step, **{f"loss/{g}": v for g, v in losses.items()},
                            **{f"lr/{g}": v for g, v in lrs.items()}, **{f"grad_norm/{g}": v for g, v in norms.items()},
-                           "samples_per_s": speed, "mfu": mfu}
+                           "samples_per_s": speed, "mfu": mfu, **self._algorithm_metrics()}
                     if main:
                         log.write(row)
                         bar.set_postfix({g: f"{v:.4g}" for g, v in losses.items()})
@@ -388,8 +388,12 @@ class Trainer:
         raise TrainingDiverged(f"{what} at step {step}; stopped without saving, {saved}; resume from it with a "
                                f"lower optim.lr or a tighter optim.grad_clip")
 
-    @staticmethod
-    def _log_line(row: dict, groups: list[str]) -> str:
+    def _algorithm_metrics(self) -> dict[str, float]:
+        values = {k: v for k, v in self.algorithm.metrics().items() if k in self.algorithm.metric_names}
+        names = sorted(values)
+        return dict(zip(names, parallel.mean_over_ranks([float(values[k]) for k in names]))) if names else {}
+
+    def _log_line(self, row: dict, groups: list[str]) -> str:
         parts = [f"step {row['step']}"]
         for g in groups:
             if row.get(f"loss/{g}") is not None:
@@ -398,6 +402,7 @@ class Trainer:
         parts.append(f"{row['samples_per_s']:.1f} samples/s")
         if row["mfu"] is not None:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        parts += [f"{k} {row[k]:.4g}" for k in self.algorithm.metric_names if row.get(k) is not None]
         return " | ".join(parts)
 
     def _write_sample_grid(self) -> None:
