@@ -95,7 +95,7 @@ def test_before_any_update_the_ratio_is_one_and_the_kl_zero(zimage_pipe, tmp_pat
     loss = algorithm.training_step(batch(algorithm.pipe, ["a red circle", "a cat"]), 1)["lora"]
     metrics = algorithm.metrics()
     assert metrics["ratio/max"] == 1.0 and metrics["kl"] == 0.0 and metrics["clip_fraction"] == 0.0
-    assert abs(loss.item()) < 1e-6 and metrics["reward/std"] > 0
+    assert abs(loss.item()) < 1e-5 and metrics["reward/std"] > 0  # float32 sums of O(1) advantages
     loss.backward()
     assert sum(p.grad.abs().sum() for p in algorithm.lora.parameters() if p.grad is not None) > 0
 

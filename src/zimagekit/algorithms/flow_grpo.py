@@ -26,21 +26,18 @@ first update is on-policy (ρ = 1), later ones are where the clipping acts.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..errors import ZImageKitError
-from ..lora import LoRA
 from ..rewards import load_reward, reward_name, score
 from ..runconfig import load_config, require_config
 from ..sampling import cfg_combine, cpu_randn, gaussian_log_prob, get_sigmas, sde_step, time_from_sigma
-from ..trainer import Algorithm, TrainConfig, Trainer, load_trained, seed_everything
-from .prompt_data import PromptData, prompt_source
+from ..trainer import Algorithm, TrainConfig, Trainer, seed_everything
+from .policy import Policy, export_policy, open_model
+from .prompt_data import RLData, prompt_source
 from .rl_maths import clipped_surrogate, gaussian_kl, group_advantages
 
 
@@ -77,13 +74,6 @@ class GRPOSection:
 
 
 @dataclass
-class RLData(PromptData):
-    """The model folder to post-train, and the prompts (see :class:`PromptData`)."""
-
-    model: str = "src/zimagekit/models/shapes-teacher"
-
-
-@dataclass
 class FlowGRPOConfig(TrainConfig):
     """``train.batch_size`` counts prompts per rollout; a rollout draws ``batch_size ×
     grpo.group_size`` images."""
@@ -114,15 +104,9 @@ class FlowGRPO(Algorithm):
     def __init__(self, pipe, cfg: FlowGRPOConfig, reward):
         self.pipe, self.cfg, self.grpo, self.reward = pipe, cfg, cfg.grpo, reward
         self.model = pipe.transformer
-        self.model.requires_grad_(False)
         g = self.grpo
-        if g.lora_rank:
-            self.lora = LoRA.create(self.model, g.lora_rank, g.lora_alpha)
-            self.reference = None  # the model with the LoRA off
-        else:
-            self.lora = None
-            self.reference = copy.deepcopy(self.model).eval() if g.kl_beta > 0 else None
-            self.model.requires_grad_(True)
+        self.policy = Policy(self.model, g.lora_rank, g.lora_alpha, keep_reference=g.kl_beta > 0)
+        self.lora = self.policy.lora
         self.guidance = pipe.defaults["guidance_scale"] if g.guidance_scale is None else g.guidance_scale
         self.height, self.width = cfg.data.height or pipe.defaults["height"], cfg.data.width or pipe.defaults["width"]
         f = pipe.vae_scale_factor
@@ -134,7 +118,7 @@ class FlowGRPO(Algorithm):
         self._metrics: dict[str, float] = {}
 
     def modules(self):
-        return {"lora": self.lora} if self.lora is not None else {"transformer": self.model}
+        return self.policy.modules()
 
     # -- rollouts ---------------------------------------------------------------------------
 
@@ -173,19 +157,6 @@ class FlowGRPO(Algorithm):
 
     # -- the update ---------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _reference(self):
-        """The reference policy inside the block: the model with its LoRA at scale 0, or the
-        frozen copy of a full fine-tune."""
-        if self.lora is None:
-            yield self.reference
-            return
-        scale, self.lora.scale = self.lora.scale, 0.0
-        try:
-            yield self.model
-        finally:
-            self.lora.scale = scale
-
     def training_step(self, batch, step):
         if not self._buffer:
             self.model.eval()
@@ -203,7 +174,7 @@ class FlowGRPO(Algorithm):
             log_prob = gaussian_log_prob(x_next, mean, std)
             loss, ratio = clipped_surrogate(log_prob, mb["log_probs"][:, k], mb["advantages"], self.grpo.clip_range)
             if self.grpo.kl_beta > 0:
-                with torch.no_grad(), self._reference() as reference:
+                with torch.no_grad(), self.policy.reference() as reference:
                     ref_mean, _ = self._mean_and_std(reference, x, k, captions, negatives)
                 kl = gaussian_kl(mean, ref_mean, std).mean()
                 loss = loss + self.grpo.kl_beta * kl
@@ -236,18 +207,10 @@ class FlowGRPO(Algorithm):
 # ----------------------------------------------------------------------------------------
 
 
-def _pipeline(folder: str):
-    from ..pipeline import ZImagePipeline
-
-    if not Path(folder).is_dir():
-        raise ZImageKitError(f"data.model: no folder {folder}; point it at the Z-Image folder to post-train")
-    return ZImagePipeline.from_pretrained(folder)
-
-
 def train(cfg: FlowGRPOConfig) -> Path:
     seed_everything(cfg.run.seed)
     reward = load_reward(cfg.grpo.reward)
-    pipe = _pipeline(cfg.data.model)
+    pipe = open_model(cfg.data.model)
     algorithm = FlowGRPO(pipe, cfg, reward)
     data = prompt_source(pipe.encode_prompt, cfg.data, cfg.train.batch_size)
     print(f"Flow-GRPO on {cfg.data.model}: reward {reward_name(reward)}, {cfg.train.batch_size} prompts x "
@@ -260,18 +223,5 @@ def train(cfg: FlowGRPOConfig) -> Path:
 def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     """Write the run's policy as a Z-Image folder: the model folder with its transformer
     replaced (LoRA merged), stored in bf16; the EMA weights when the run kept them."""
-    from ..pipeline import ModelFolder, save_with_transformer
-    from ..s3dit import S3DiT
-
-    if not (Path(run_dir) / "config.yaml").is_file():
-        raise ZImageKitError(f"{run_dir}: not an RL run (config.yaml is missing)")
     cfg = load_config(FlowGRPOConfig, Path(run_dir) / "config.yaml")
-    folder = ModelFolder.open(cfg.data.model)
-    model = S3DiT.from_pretrained(folder.component("transformer"), dtype=torch.float32)
-    if cfg.grpo.lora_rank:
-        lora = LoRA.create(model, cfg.grpo.lora_rank, cfg.grpo.lora_alpha)
-        load_trained(run_dir, "lora", lora, use_ema and cfg.ema.enabled)
-        lora.merge()
-    else:
-        load_trained(run_dir, "transformer", model, use_ema and cfg.ema.enabled)
-    save_with_transformer(folder, model, out, torch.bfloat16)
+    export_policy(run_dir, out, cfg.data.model, cfg.grpo.lora_rank, cfg.grpo.lora_alpha, use_ema and cfg.ema.enabled)

@@ -35,6 +35,13 @@ class PromptData:
         require_config(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
 
 
+@dataclass
+class RLData(PromptData):
+    """The model folder to post-train, and the prompts (see :class:`PromptData`)."""
+
+    model: str = "src/zimagekit/models/shapes-teacher"
+
+
 def prompt_source(encode: Callable[[list[str]], list[torch.Tensor]], data: PromptData,
                   batch_size: int) -> IndexDataSource:
     """Batches ``{"captions": [features], "prompts": [text]}`` of the prompts of ``data``;
