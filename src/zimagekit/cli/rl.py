@@ -14,6 +14,7 @@ from .runs import run_stage
 # algorithm name -> the module holding its CONFIG class, train(cfg) and export(run, out, use_ema)
 ALGORITHMS = {
     "flow_grpo": "zimagekit.algorithms.flow_grpo",
+    "diffusion_dpo": "zimagekit.algorithms.diffusion_dpo",
 }
 
 
