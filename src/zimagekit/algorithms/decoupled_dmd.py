@@ -391,14 +391,15 @@ def train(cfg: DistillConfig) -> Path:
     return trainer.run_dir
 
 
-def student_pipeline(run_dir: Path, use_ema: bool = True):
+def student_pipeline(run_dir: Path, use_ema: bool = True, config_cls: type[DistillConfig] = DistillConfig):
     """The run's latest student (EMA weights by default) as :func:`as_student_pipeline` samples
-    it: what :func:`export` writes, and what evaluation samples each checkpoint with."""
+    it: what :func:`export` writes, and what evaluation samples each checkpoint with.
+    ``config_cls``: the run's config class (DMDR's extends this module's)."""
     from ..pipeline import ZImagePipeline
 
     if not (run_dir / "config.yaml").is_file():
         raise ZImageKitError(f"{run_dir}: not a distillation run (config.yaml is missing)")
-    cfg = load_config(DistillConfig, run_dir / "config.yaml")
+    cfg = load_config(config_cls, run_dir / "config.yaml")
     student = S3DiT(cfg.model).requires_grad_(False).eval()
     load_trained(run_dir, "student", student, use_ema)
     return as_student_pipeline(student, ZImagePipeline.from_pretrained(cfg.data.teacher), cfg)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                    "and export of a run as a Z-Image folder; torchrun for several GPUs", "zimagekit.cli.train")
     _add_delegated(commands, "distill", "Decoupled-DMD: distil a teacher folder into a few-step student",
                    "zimagekit.cli.distill")
-    _add_delegated(commands, "rl", "RL post-training of a Z-Image folder (Flow-GRPO, Diffusion-DPO) with a reward",
+    _add_delegated(commands, "rl", "RL post-training with a reward: Flow-GRPO, Diffusion-DPO, DMDR (distillation + RL)",
                    "zimagekit.cli.rl")
     _add_delegated(commands, "inspect", "parameter breakdown and token/RoPE layout of an S3-DiT",
                    "zimagekit.cli.inspect")

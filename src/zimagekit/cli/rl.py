@@ -15,6 +15,7 @@ from .runs import run_stage
 ALGORITHMS = {
     "flow_grpo": "zimagekit.algorithms.flow_grpo",
     "diffusion_dpo": "zimagekit.algorithms.diffusion_dpo",
+    "dmdr": "zimagekit.algorithms.dmdr",
 }
 
 
