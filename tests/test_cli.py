@@ -330,6 +330,38 @@ def test_damaged_weights_name_the_component(tiny_model_dir, tmp_path, capsys, co
     assert not out.exists()
 
 
+@pytest.mark.parametrize("component", ["vae", "text_encoder"])
+def test_pickled_weights_are_never_loaded(tiny_model_dir, tmp_path, capsys, component, monkeypatch):
+    """A component whose only weights are a pickle (.bin) is refused in one line, and
+    torch.load is never called on it."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = model_with_damaged(tiny_model_dir, tmp_path, component, lambda data: data)
+    weights = next((model / component).glob("*.safetensors"))
+    torch.save(load_file(str(weights)), weights.with_suffix(".bin"))
+    weights.unlink()
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    out = tmp_path / "x.png"
+    status, _, err = run(generate(model, "a cat", "-o", out), capsys)
+    assert_one_line_error(status, err, component)
+    assert not loads and not out.exists()
+
+
+@pytest.mark.parametrize("change,fragment", [({"shift": 0}, "shift must be > 0"), ({"shift": -3.0}, "shift must be > 0"),
+                                             ({"shift": "3"}, "shift must be a number")])
+def test_a_degenerate_scheduler_config_is_refused(tiny_model_dir, tmp_path, capsys, change, fragment):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    path = model / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    out = tmp_path / "x.png"
+    status, _, err = run(generate(model, "a cat", "-o", out), capsys)
+    assert_one_line_error(status, err, "scheduler_config.json", fragment)
+    assert not out.exists()
+
+
 def test_unwritable_output_path(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     status, _, err = run(generate(tiny_model_dir, "a cat", "-o", tmp_path / "afile" / "x.png"), capsys)

@@ -54,7 +54,7 @@ class TransformersEnhancer(PromptEnhancer):
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         if self.tokenizer.chat_template is None:
             raise ZImageKitError(f"prompt enhancer {folder}: the tokenizer has no chat template; use an instruct model")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype or torch.float32)
         self.model.to(device or "cpu").eval().requires_grad_(False)
         self.system_prompt, self.max_new_tokens = system_prompt, max_new_tokens
         digest = hashlib.sha256(json.dumps([(folder / "config.json").read_text(), system_prompt, max_new_tokens])

@@ -125,7 +125,7 @@ def _load_encoders(folder, device):
 
     from .pipeline import load_text_encoder
 
-    vae = AutoencoderKL.from_pretrained(folder.component("vae"), local_files_only=True).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(folder.component("vae"), local_files_only=True, use_safetensors=True).to(device).eval()
     return vae.requires_grad_(False), load_text_encoder(folder.root, torch.float32, device)
 
 

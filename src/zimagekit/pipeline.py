@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -247,7 +248,21 @@ def read_schedule_config(path: Path) -> tuple[ScheduleConfig, dict]:
     if raw.get("use_dynamic_shifting") and raw.get("time_shift_type", "exponential") != "exponential":
         raise ZImageKitError(f"{path}: only the exponential time shift is supported")
     known = {f.name for f in fields(ScheduleConfig)}
-    return ScheduleConfig(**{k: v for k, v in raw.items() if k in known}), raw
+    schedule = ScheduleConfig(**{k: v for k, v in raw.items() if k in known})
+    # A shift of 0 or below gives a schedule that is not a path from noise to data, and the
+    # sampler would still run: a wrong image, not an error, unless it is caught here.
+    numbers = {"shift": schedule.shift, "num_train_timesteps": schedule.num_train_timesteps}
+    if schedule.use_dynamic_shifting:
+        numbers |= {"base_shift": schedule.base_shift, "max_shift": schedule.max_shift}
+    for key, value in numbers.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ZImageKitError(f"{path}: {key} must be a number, got {value!r}; copy scheduler/ again")
+    if schedule.shift <= 0 or schedule.num_train_timesteps < 1:
+        raise ZImageKitError(f"{path}: shift must be > 0 and num_train_timesteps >= 1, got {schedule.shift} and "
+                             f"{schedule.num_train_timesteps}; Z-Image-Turbo's are 3.0 and 1000")
+    if schedule.use_dynamic_shifting and schedule.base_image_seq_len >= schedule.max_image_seq_len:
+        raise ZImageKitError(f"{path}: base_image_seq_len must be below max_image_seq_len for dynamic shifting")
+    return schedule, raw
 
 
 def save_with_transformer(folder: ModelFolder, transformer: S3DiT, out: Path, dtype: torch.dtype) -> None:
@@ -337,7 +352,8 @@ class ZImagePipeline:
         transformer.requires_grad_(False).eval()
         vae_dtype = torch.float32 if model.vae_force_upcast else dtype
         with _loading(model, "vae"):
-            vae = AutoencoderKL.from_pretrained(model.component("vae"), dtype=vae_dtype, local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(model.component("vae"), dtype=vae_dtype, local_files_only=True,
+                                                use_safetensors=True)  # never unpickle a .bin
         vae.to(home).requires_grad_(False).eval()
         if load_text_encoder:
             text_encoder = _load_text_encoder(model, dtype, home)

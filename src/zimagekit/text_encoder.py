@@ -148,7 +148,8 @@ class Qwen3TextEncoder:
         config.layer_types = list(config.layer_types)[: config.num_hidden_layers]
         with quiet_transformers():
             model, info = Qwen3Model.from_pretrained(
-                text_encoder_dir, config=config, dtype=dtype or torch.float32, output_loading_info=True
+                text_encoder_dir, config=config, dtype=dtype or torch.float32, output_loading_info=True,
+                use_safetensors=True,  # never unpickle a .bin
             )
         missing = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
         if missing:

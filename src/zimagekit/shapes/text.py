@@ -394,7 +394,7 @@ def caption_perplexity(text_encoder_dir: Path, tokenizer_dir: Path, captions: in
     if not (Path(text_encoder_dir) / "config.json").is_file():
         raise ZImageKitError(f"{text_encoder_dir}: no config.json; export a run there first")
     with quiet_transformers():
-        lm = Qwen3ForCausalLM.from_pretrained(text_encoder_dir, dtype=torch.float32).eval()
+        lm = Qwen3ForCausalLM.from_pretrained(text_encoder_dir, dtype=torch.float32, use_safetensors=True).eval()
     # Seeds far past any training set, so these are draws, not the training list itself.
     train = [world.sample_prompt(10**9 + i, "train").text for i in range(captions)]
     held = sorted({p.text for p in world.eval_prompts()

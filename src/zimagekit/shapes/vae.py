@@ -262,7 +262,7 @@ def load_model(folder: Path):
 
     if not (Path(folder) / "config.json").is_file():
         raise ZImageKitError(f"{folder}: not an AutoencoderKL folder (config.json is missing)")
-    return AutoencoderKL.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
 
 
 @dataclass
