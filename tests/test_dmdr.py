@@ -157,3 +157,22 @@ def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_pa
     assert rl_cli.main(["--config", str(cfg), "run.name=refl", "dmdr.rl=refl",
                         "dmdr.reward=zimagekit.shapes.rewards:JudgeReward"]) == 2
     assert "not differentiable" in capsys.readouterr().err
+
+
+def test_without_distribution_matching_the_student_loss_is_the_reward_alone():
+    """dm_weight = 0, the reward-hacking control: L_G = −λ·mean r(decode(x)), nothing else."""
+    torch.manual_seed(0)
+    algorithm = dmdr.DMDR(teacher(), config(rl="refl", rl_weight=2.0, dm_weight=0.0), LATENT, torch.zeros(2, 16),
+                          MeanPixel(), decode)
+    b = batch()
+    torch.manual_seed(1)
+    loss = algorithm.training_step(b, 1)["student"]
+    torch.manual_seed(1)  # the same k, noise and student prediction, by hand
+    k = int(torch.randint(4, ()))
+    from zimagekit.sampling import cpu_randn
+
+    z = dd.backward_simulation(algorithm.student, cpu_randn((2, *LATENT)), algorithm.sigmas, b["captions"], k)
+    x = dd.denoise(algorithm.student, z, algorithm.sigmas[k].expand(2), b["captions"])
+    torch.testing.assert_close(loss, -2.0 * decode(x.squeeze(2)).mean(dim=(1, 2, 3)).mean())
+    with pytest.raises(Exception, match="needs dmdr.rl=refl"):
+        dmdr.DMDRSection(rl="grpo", dm_weight=0.0)

@@ -78,9 +78,16 @@ class DMDRSection:
     dynadg_steps: int = 1000  # K: trainer steps over which γ_r anneals to 0
     dynars: bool = False
     dynars_steps: int = 1000  # K of DynaRS
+    # 1: L_DMD + λ·L_RL. 0 drops distribution matching: RL alone (ReFL), the reward-hacking
+    # control of DMDR Fig. 4 (the fake score still trains; nothing reads it).
+    dm_weight: float = 1.0
 
     def __post_init__(self):
         require_config(self.rl_weight >= 0, "dmdr.rl_weight", f"must be >= 0, got {self.rl_weight}")
+        require_config(self.dm_weight in (0.0, 1.0), "dmdr.dm_weight", f"must be 1 (DMDR) or 0 (RL alone), got "
+                       f"{self.dm_weight}")
+        require_config(self.dm_weight == 1 or self.rl == "refl", "dmdr.dm_weight",
+                       "0 (RL alone) needs dmdr.rl=refl: GRPO here reweights the DMD direction")
         require_config(self.rl != "grpo" or self.group_size >= 2, "dmdr.group_size",
                        f"must be >= 2 for grpo (advantages compare a prompt's samples), got {self.group_size}")
         require_config(self.fake_lora_rank >= 1, "dmdr.fake_lora_rank", f"must be >= 1, got {self.fake_lora_rank}")
@@ -184,6 +191,12 @@ class DMDR(DecoupledDMD):
         losses = {"fake_score": self.fake_score_loss(x.detach(), captions)}
         if not update_student:
             return losses
+        if self.dmdr.dm_weight == 0:  # RL alone: the control without distribution matching
+            images = self.decode(x.squeeze(2) if x.ndim == 5 else x)
+            rewards = score(self.reward, images, prompts)
+            self._metrics["reward/mean"] = rewards.mean().item()
+            losses["student"] = -self.dmdr.rl_weight * rewards.mean()
+            return losses
         draws = self.draw_renoise(x, time_from_sigma(sigma))
         weights = {}
         if self.dmdr.reward_tilt or rl == "grpo":
@@ -196,8 +209,9 @@ class DMDR(DecoupledDMD):
         g = self.weighted_direction(x, captions, draws, weights)
         losses["student"] = generator_loss(x, g)
         if rl == "refl":
-            images = self.decode(x.squeeze(2) if x.ndim == 5 else x)
-            losses["student"] = losses["student"] - self.dmdr.rl_weight * score(self.reward, images, prompts).mean()
+            rewards = score(self.reward, self.decode(x.squeeze(2) if x.ndim == 5 else x), prompts)
+            self._metrics["reward/mean"] = rewards.mean().item()
+            losses["student"] = losses["student"] - self.dmdr.rl_weight * rewards.mean()
         return losses
 
     @torch.no_grad()
