@@ -155,12 +155,7 @@ def _transformer(cfg: ZImageTrainConfig, folder, device):
         return S3DiT.from_pretrained(folder.component("transformer"), dtype=torch.float32, device=device)
     te = json.loads((folder.component("text_encoder") / "config.json").read_text())
     vae = json.loads((folder.component("vae") / "config.json").read_text())
-    if cfg.model.cap_feat_dim != te["hidden_size"]:
-        raise ZImageKitError(f"model.cap_feat_dim={cfg.model.cap_feat_dim} but the text encoder's hidden size is "
-                             f"{te['hidden_size']}; set model.cap_feat_dim={te['hidden_size']}")
-    if cfg.model.in_channels != vae["latent_channels"]:
-        raise ZImageKitError(f"model.in_channels={cfg.model.in_channels} but the VAE has {vae['latent_channels']} "
-                             f"latent channels; set model.in_channels={vae['latent_channels']}")
+    cfg.model.check_encoders(te["hidden_size"], vae["latent_channels"])
     return S3DiT(cfg.model).to(device)
 
 

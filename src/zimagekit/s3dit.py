@@ -125,6 +125,16 @@ class S3DiTConfig:
         p, pf = self.all_patch_size[0], self.all_f_patch_size[0]
         return frames // pf * (height // p) * (width // p)
 
+    def check_encoders(self, text_hidden_size: int, latent_channels: int, key: str = "model") -> None:
+        """Whether a model of this config can read the text encoder's features and the VAE's
+        latents; the error names the config field to set (``key`` is the config section)."""
+        if self.cap_feat_dim != text_hidden_size:
+            raise ZImageKitError(f"{key}.cap_feat_dim={self.cap_feat_dim} but the text encoder's hidden size is "
+                                 f"{text_hidden_size}; set {key}.cap_feat_dim={text_hidden_size}")
+        if self.in_channels != latent_channels:
+            raise ZImageKitError(f"{key}.in_channels={self.in_channels} but the VAE has {latent_channels} latent "
+                                 f"channels; set {key}.in_channels={latent_channels}")
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "S3DiTConfig":
         known = {f.name for f in dataclasses.fields(cls)}

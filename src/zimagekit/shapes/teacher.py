@@ -240,12 +240,7 @@ def train(cfg: TeacherConfig) -> Path:
     seed_everything(cfg.run.seed)
     device = resolve_device(None)
     vae, text = load_encoders(cfg.data, device)
-    if cfg.model.cap_feat_dim != text.model.config.hidden_size:
-        raise ZImageKitError(f"model.cap_feat_dim={cfg.model.cap_feat_dim} but the text encoder's hidden size is "
-                             f"{text.model.config.hidden_size}; set model.cap_feat_dim={text.model.config.hidden_size}")
-    if cfg.model.in_channels != vae.config.latent_channels:
-        raise ZImageKitError(f"model.in_channels={cfg.model.in_channels} but the VAE has {vae.config.latent_channels} "
-                             f"latent channels; set model.in_channels={vae.config.latent_channels}")
+    cfg.model.check_encoders(text.model.config.hidden_size, vae.config.latent_channels)
     encoded = {k: v.to(device) for k, v in encode_scenes(cfg.data, vae, text).items()}
     tokens = (cfg.model.image_tokens(*encoded["latents"].shape[-2:]), int(encoded["caption_lengths"].float().mean()))
     model = build_transformer(cfg).to(device)
