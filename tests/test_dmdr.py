@@ -130,7 +130,8 @@ def test_refl_sends_the_rewards_gradient_into_the_student():
     assert sum(g.abs().sum() for g in torch.autograd.grad(with_reward, params, allow_unused=True) if g is not None) > 0
 
 
-def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_path, tiny_model_dir, capsys):
+@pytest.mark.parametrize("rl", ["grpo", "dpo"])
+def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_path, tiny_model_dir, capsys, rl):
     from zimagekit.cli import rl as rl_cli
 
     prompts = tmp_path / "prompts.txt"
@@ -140,7 +141,7 @@ def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_pa
         "algorithm": "dmdr",
         "run": {"dir": str(tmp_path / "runs"), "name": "dmdr"},
         "distill": {"student_steps": 2, "fake_updates_per_student": 1, "guidance_scale": 1.5},
-        "dmdr": {"rl": "grpo", "group_size": 2, "reward": "test_dmdr:MeanPixel", "reward_tilt": True,
+        "dmdr": {"rl": rl, "group_size": 2, "reward": "test_dmdr:MeanPixel", "reward_tilt": True,
                  "dynadg": True, "fake_lora_rank": 2, "dynadg_steps": 2, "dynars": True, "dynars_steps": 2},
         "data": {"teacher": str(tiny_model_dir), "prompts": str(prompts), "height": 32, "width": 32},
         "train": {"steps": 2, "batch_size": 2, "log_every": 1, "progress": False},
@@ -176,3 +177,15 @@ def test_without_distribution_matching_the_student_loss_is_the_reward_alone():
     torch.testing.assert_close(loss, -2.0 * decode(x.squeeze(2)).mean(dim=(1, 2, 3)).mean())
     with pytest.raises(Exception, match="needs dmdr.rl=refl"):
         dmdr.DMDRSection(rl="grpo", dm_weight=0.0)
+
+
+def test_dmdr_dpo_starts_at_log_two_and_ignores_ties():
+    import math
+
+    algorithm = dmdr.DMDR(teacher(), config(rl="dpo", group_size=2), LATENT, torch.zeros(2, 16), MeanPixel(), decode)
+    finished = torch.randn(4, *LATENT)
+    caps = [c for c in batch()["captions"] for _ in range(2)]
+    loss = algorithm.dpo_loss(finished, torch.tensor([0.2, 0.9, 0.5, 0.1]), caps)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # the student is still its reference
+    tie = algorithm.dpo_loss(finished, torch.tensor([0.5, 0.5, 0.3, 0.3]), caps)
+    assert tie.item() == 0.0

@@ -19,6 +19,9 @@ What DMDR adds, each a switch in :class:`DMDRSection`:
 
   - ``refl``: ``−mean r(decode(x))`` through the student's one-step prediction x (ReFL; the
     reward must be differentiable);
+  - ``dpo``: Diffusion-DPO on on-policy pairs, the best and the worst finished rollout of each
+    prompt's ``group_size``, re-noised to the student's own noise levels, against the student
+    as the run started;
   - ``grpo``: the CA term of each sample weighted by ``1 + λ_rl·A`` with A its group-relative
     advantage among the ``group_size`` samples of its prompt, DM unweighted as the
     regulariser (the maintainers' option (b) for Decoupled-DMD). Chosen over SDE
@@ -45,7 +48,7 @@ from ..errors import ZImageKitError
 from ..lora import LoRA
 from ..rewards import load_reward, reward_name, score
 from ..runconfig import require_config
-from ..sampling import add_noise, cpu_randn, time_from_sigma
+from ..sampling import add_noise, cpu_randn, time_from_sigma, velocity
 from ..trainer import Trainer, seed_everything
 from .decoupled_dmd import (
     DecoupledDMD,
@@ -60,16 +63,17 @@ from .decoupled_dmd import (
     student_pipeline,
 )
 from .prompt_data import prompt_source
-from .rl_maths import dynadg_real_scale, dynars_sigmas, group_advantages
+from .rl_maths import diffusion_dpo_loss, dynadg_real_scale, dynars_sigmas, group_advantages
 
 
 @dataclass
 class DMDRSection:
     student: str | None = None  # a few-step student folder to start from (stage 2); null: the teacher
     reward: str = "zimagekit.shapes.rewards:JudgeReward"
-    rl: Literal["none", "refl", "grpo"] = "none"
+    rl: Literal["none", "refl", "grpo", "dpo"] = "none"
     rl_weight: float = 0.5  # λ_rl (DMDR Table 5c: 0.5)
-    group_size: int = 4  # grpo: samples per prompt
+    group_size: int = 4  # grpo and dpo: samples per prompt
+    dpo_beta: float = 100.0  # dpo: β of the Diffusion-DPO loss
     reward_tilt: bool = False  # RT-DM, the cold start's reward-tilted DM
     dynadg: bool = False
     fake_lora_rank: int = 32  # DynaDG's fake score LoRA
@@ -88,8 +92,8 @@ class DMDRSection:
                        f"{self.dm_weight}")
         require_config(self.dm_weight == 1 or self.rl == "refl", "dmdr.dm_weight",
                        "0 (RL alone) needs dmdr.rl=refl: GRPO here reweights the DMD direction")
-        require_config(self.rl != "grpo" or self.group_size >= 2, "dmdr.group_size",
-                       f"must be >= 2 for grpo (advantages compare a prompt's samples), got {self.group_size}")
+        require_config(self.rl not in ("grpo", "dpo") or self.group_size >= 2, "dmdr.group_size",
+                       f"must be >= 2 for {self.rl} (it compares a prompt's samples), got {self.group_size}")
         require_config(self.fake_lora_rank >= 1, "dmdr.fake_lora_rank", f"must be >= 1, got {self.fake_lora_rank}")
 
 
@@ -136,13 +140,17 @@ class DMDR(DecoupledDMD):
         self._metrics: dict[str, float] = {}
         if student is not None:
             self.student.load_state_dict(student.state_dict())
+        # DPO's reference: the student as the run starts, frozen.
+        self.reference_student = (copy.deepcopy(self.student).requires_grad_(False).eval()
+                                  if cfg.dmdr.rl == "dpo" else None)
         if cfg.dmdr.dynadg:
             base = copy.deepcopy(teacher).requires_grad_(False).eval()
             self.lora = LoRA.create(base, cfg.dmdr.fake_lora_rank)
             self.fake_score = _ScaledLoRA(base, self.lora, lambda: cfg.dmdr.fake_scale)
             self.teacher = _ScaledLoRA(base, self.lora, lambda: dynadg_real_scale(
                 self.step, cfg.dmdr.dynadg_steps, cfg.dmdr.real_scale_start))
-        self.metric_names = ("reward/mean",) + (("real_scale",) if cfg.dmdr.dynadg else ())
+        self.metric_names = (("reward/mean",) + (("real_scale",) if cfg.dmdr.dynadg else ())
+                             + (("implicit_accuracy",) if cfg.dmdr.rl == "dpo" else ()))
 
     def modules(self):
         if self.dmdr.dynadg:
@@ -177,7 +185,7 @@ class DMDR(DecoupledDMD):
         if not (self.dmdr.reward_tilt or rl != "none"):
             return super().training_step(batch, step)
         captions, prompts = list(batch["captions"]), list(batch["prompts"])
-        if rl == "grpo":  # groups of one prompt's samples, consecutive
+        if rl in ("grpo", "dpo"):  # groups of one prompt's samples, consecutive
             captions = [c for c in captions for _ in range(self.dmdr.group_size)]
             prompts = [p for p in prompts for _ in range(self.dmdr.group_size)]
         device = self.teacher.device
@@ -199,8 +207,8 @@ class DMDR(DecoupledDMD):
             return losses
         draws = self.draw_renoise(x, time_from_sigma(sigma))
         weights = {}
-        if self.dmdr.reward_tilt or rl == "grpo":
-            rewards = self._rollout_rewards(x, k, captions, prompts)
+        if self.dmdr.reward_tilt or rl in ("grpo", "dpo"):
+            rewards, finished = self._rollout_rewards(x, k, captions, prompts)
             if self.dmdr.reward_tilt:
                 tilt = torch.exp(rewards / rewards.pow(2).mean().sqrt().clamp_min(1e-8))
                 weights["all"] = tilt / tilt.mean()
@@ -212,11 +220,45 @@ class DMDR(DecoupledDMD):
             rewards = score(self.reward, self.decode(x.squeeze(2) if x.ndim == 5 else x), prompts)
             self._metrics["reward/mean"] = rewards.mean().item()
             losses["student"] = losses["student"] - self.dmdr.rl_weight * rewards.mean()
+        if rl == "dpo":
+            losses["student"] = losses["student"] + self.dmdr.rl_weight * self.dpo_loss(finished, rewards, captions)
         return losses
 
+    def dpo_loss(self, finished, rewards, captions) -> torch.Tensor:
+        """Diffusion-DPO on on-policy pairs at the student's own noise levels (the maintainers'
+        advice: offline pairs hurt few-step ability): in each group the best finished sample
+        against the worst (ties left out), re-noised with one ε to one σ of the student's
+        schedule; errors of the student and of its frozen starting point."""
+        n = self.dmdr.group_size
+        grouped = rewards.view(-1, n)
+        keep = (grouped.max(1).values > grouped.min(1).values).nonzero().flatten()
+        if len(keep) == 0:
+            return sum(p.sum() for p in self.student.parameters()) * 0.0
+        rows = torch.arange(len(grouped))[keep]
+        winners = finished.view(-1, n, *finished.shape[1:])[rows, grouped.argmax(1)[keep]]
+        losers = finished.view(-1, n, *finished.shape[1:])[rows, grouped.argmin(1)[keep]]
+        caps = [captions[int(r) * n] for r in rows]
+        j = torch.randint(self.distill.student_steps, (len(rows),))
+        sigma = self.sigmas[j].to(winners)
+        eps = torch.randn_like(winners)
+        x0, noise, sig = torch.cat([winners, losers]), torch.cat([eps, eps]), torch.cat([sigma, sigma])
+        x_t = add_noise(x0, noise, _per_sample(sig, x0))
+        target = velocity(x0, noise)
+
+        def errors(model):
+            v = model(x_t, time_from_sigma(sig), caps + caps)
+            return (v.float() - target).pow(2).flatten(1).mean(1).chunk(2)
+
+        e_w, e_l = errors(self.student)
+        with torch.no_grad():
+            r_w, r_l = errors(self.reference_student)
+        loss, accuracy = diffusion_dpo_loss(e_w, e_l, r_w, r_l, self.dmdr.dpo_beta)
+        self._metrics["implicit_accuracy"] = accuracy.item()
+        return loss
+
     @torch.no_grad()
-    def _rollout_rewards(self, x, k: int, captions, prompts) -> torch.Tensor:
-        """The reward of each sample's finished N-step rollout: x (the student's prediction at
+    def _rollout_rewards(self, x, k: int, captions, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's finished N-step rollout and its reward: x (the student's prediction at
         step k) re-noised to σ_{k+1} and sampled on to the end, as the exported student would."""
         x = x.detach()
         if k + 1 < self.distill.student_steps:
@@ -225,7 +267,7 @@ class DMDR(DecoupledDMD):
             x = backward_simulation(self.student, z, rest, captions, len(rest) - 1)
         rewards = score(self.reward, self.decode(x.squeeze(2) if x.ndim == 5 else x), prompts)
         self._metrics["reward/mean"] = rewards.mean().item()
-        return rewards
+        return rewards, x
 
     @torch.no_grad()
     def weighted_direction(self, x, captions, draws, weights: dict[str, torch.Tensor]):
