@@ -355,16 +355,22 @@ def compare(entries: list[Entry], images_per_prompt: int, out: Path, vae_folder:
 def ablation_curves(run_dirs: list[Path], images_per_prompt: int, out: Path) -> dict[str, list[dict]]:
     """The learning curve of each distillation run's student (EMA), sampled as it will be
     shipped (its N steps, stochastic, no CFG); curves.png/csv and ablation.md (each run's
-    last checkpoint, and the data) in ``out``."""
-    from ..algorithms.decoupled_dmd import student_pipeline
+    last checkpoint, and the data) in ``out``. DMDR runs (``zimagekit rl``) count as
+    distillation runs: their student is sampled the same way."""
+    from ..algorithms.decoupled_dmd import DistillConfig, student_pipeline
+    from ..algorithms.dmdr import DMDRConfig
+    from ..runconfig import peek_config
 
     names = [d.name for d in run_dirs]
     if len(set(names)) != len(names):
         raise ZImageKitError(f"run directories need distinct names, got {names}")
     curves = {}
     for run_dir in run_dirs:
-        curves[run_dir.name] = learning_curve(run_dir, student_pipeline(run_dir), "student",
-                                              images_per_prompt=images_per_prompt)
+        if not (run_dir / "config.yaml").is_file():
+            raise ZImageKitError(f"{run_dir}: not a distillation run (config.yaml is missing)")
+        dmdr = peek_config(run_dir / "config.yaml", (), "algorithm") == "dmdr"
+        pipe = student_pipeline(run_dir, True, DMDRConfig if dmdr else DistillConfig)
+        curves[run_dir.name] = learning_curve(run_dir, pipe, "student", images_per_prompt=images_per_prompt)
         last = curves[run_dir.name][-1]
         print(f"{run_dir.name:<24} step {last['step']:>6}  overall {100 * last['overall']:5.1f}%  "
               f"{format_metrics(last)}", flush=True)
