@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import os
 import random
 import re
@@ -379,6 +380,20 @@ def test_only_the_newest_checkpoint_keeps_optimizer_state_and_the_log_says_the_s
     (trainer.ckpt_dir / "step_0000006").rename(trainer.ckpt_dir / "old-6")
     with pytest.raises(ZImageKitError, match="keeps no optimizer state .* resume from the newest"):
         Trainer(config(tmp_path, "train.steps=8", "run.resume=true"), Regression(), regression_data(8))
+
+
+def test_a_later_checkpoint_left_by_another_process_never_strips_the_newest(tmp_path):
+    """A step_* directory with a later step appearing mid-run (another process writing into the
+    same run directory) is not counted as newest: the checkpoint just written keeps its
+    optimizer state, and the run resumes from it."""
+    seed_everything(0)
+    trainer = Trainer(config(tmp_path, "train.steps=4", "train.ckpt_every=2", "train.keep_last_ckpts=2"),
+                      Regression(), regression_data(8))
+    trainer.fit(stop_at=2)
+    shutil.copytree(trainer.ckpt_dir / "step_0000002", trainer.ckpt_dir / "step_0000009")
+    trainer.fit()
+    assert (trainer.ckpt_dir / "step_0000004" / "optimizer_state.safetensors").is_file()
+    assert (trainer.ckpt_dir / "latest").read_text().strip() == "step_0000004"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

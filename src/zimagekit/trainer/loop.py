@@ -204,7 +204,11 @@ class Trainer:
         os.replace(tmp, self.ckpt_dir / name)
         atomic_write(self.ckpt_dir / "latest", lambda p: p.write_text(name + "\n"))
         fsync(self.ckpt_dir)
-        steps = sorted((p for p in self.ckpt_dir.iterdir() if step_of(p) is not None), key=step_of)
+        # The one just written is the newest, whatever else the folder holds: a directory with a
+        # later step (left by another process writing into this run) is neither kept in the
+        # count nor allowed to strip this one's optimizer state.
+        steps = sorted((p for p in self.ckpt_dir.iterdir() if step_of(p) is not None and step_of(p) <= self.step),
+                       key=step_of)
         for old in steps[: -self.cfg.train.keep_last_ckpts]:
             shutil.rmtree(old)
         # Only now that the new one is published may the older ones lose their optimizer state.
