@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"dmdr control flow_grpo hack"}
+STAGES=${STAGES:-"dmdr control dmdr_w2 hack hack_dm flow_grpo"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
@@ -28,9 +28,16 @@ for stage in $STAGES; do
     control)  # the same run with λ = 0: Decoupled-DMD alone on the same budget
       train_export shapes-dmd-control configs/shapes/dmdr.yaml dmdr.rl_weight=0
       evaluate dmd-control runs/export/shapes-dmd-control 8 0 ;;
+    dmdr_w2)  # λ = 2
+      train_export shapes-dmdr-w2 configs/shapes/dmdr.yaml dmdr.rl_weight=2
+      evaluate dmdr-grpo-w2 runs/export/shapes-dmdr-w2 8 0 ;;
+    hack_dm)  # the same hackable reward with the DM term kept
+      train_export shapes-hack-with-dm configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.rl_weight=1 \
+          dmdr.reward=zimagekit.shapes.rewards:ColourMassReward train.steps=200
+      evaluate hack-with-dm runs/export/shapes-hack-with-dm 8 0 ;;
     flow_grpo)  # Flow-GRPO on the 50-step teacher (LoRA r16), judged at 50 steps, w = 3
       train_export shapes-flow-grpo configs/shapes/flow_grpo.yaml grpo.group_size=6 grpo.sde_steps=8 \
-          train.batch_size=2 train.steps=75 train.ckpt_every=25 optim.lr=1.0e-4
+          train.batch_size=2 train.steps=40 train.ckpt_every=20 train.log_every=5 optim.lr=3.0e-4
       evaluate flow-grpo runs/export/shapes-flow-grpo 50 3 ;;
     hack)     # the control of DMDR Fig. 4: ReFL on the hackable colour-mass reward, without DM
       train_export shapes-hack-rl-only configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.dm_weight=0 dmdr.rl_weight=1 \
