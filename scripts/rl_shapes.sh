@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"dmdr control dmdr_w2 hack hack_dm flow_grpo"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
@@ -22,6 +22,9 @@ train_export() {  # train_export RUN CONFIG [overrides...]
 
 for stage in $STAGES; do
   case $stage in
+    baselines)  # the shipped teacher (50 steps, w = 3) and student (8 NFE), judged here
+      evaluate teacher-cpu src/zimagekit/models/shapes-teacher 50 3
+      evaluate student-shipped src/zimagekit/models/shapes-turbo 8 0 ;;
     dmdr)     # DMDR stage 2: the shipped student + λ = 0.5 GRPO on the judge's graded reward
       train_export shapes-dmdr configs/shapes/dmdr.yaml
       evaluate dmdr-grpo runs/export/shapes-dmdr 8 0 ;;
