@@ -134,6 +134,7 @@ def test_bad_rl_configs_and_rewards_are_one_line_and_keep_the_last_checkpoint(tm
 
     config = str(write_config(tmp_path, tiny_model_dir))
     assert "unknown RL algorithm 'nope'" in error(["--config", config, "algorithm=nope"])
+    assert "names no algorithm" in error(["train"])
     assert "grpo.group_size" in error(["--config", config, "grpo.group_size=1"])
     assert "has no Missing" in error(["--config", config, "grpo.reward=test_flow_grpo:Missing"])
     CALLS["n"] = 0

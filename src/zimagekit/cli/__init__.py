@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_delegated(commands, "plan", "per-GPU training memory of an S3-DiT for a GPU count and strategy",
                    "zimagekit.cli.plan")
     commands.add_parser(
-        "shapes", help=f"train, export and evaluate the shapes-world models: zimagekit shapes {{{','.join(SHAPES_STAGES)}}} "
-        "{train,export,evaluate} ... or zimagekit shapes judge FOLDER", add_help=False).set_defaults(delegated=True, run=_shapes)
+        "shapes", help="train, export and evaluate the shapes-world models: zimagekit shapes {text,vae,teacher} "
+        "{train,export,evaluate} ..., or judge a folder of images: zimagekit shapes judge FOLDER",
+        add_help=False).set_defaults(delegated=True, run=_shapes)
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "delegated", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

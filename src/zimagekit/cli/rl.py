@@ -20,6 +20,9 @@ ALGORITHMS = {
 
 
 def _module(name):
+    if name is None:
+        raise ZImageKitError(f"the config names no algorithm; set algorithm: to one of {', '.join(ALGORITHMS)} "
+                             f"(configs/shapes/flow_grpo.yaml is an example)")
     if name not in ALGORITHMS:
         raise ZImageKitError(f"unknown RL algorithm {name!r}; set algorithm to one of {', '.join(ALGORITHMS)}")
     return importlib.import_module(ALGORITHMS[name])
