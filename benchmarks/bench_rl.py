@@ -11,8 +11,8 @@ one rollout is ``prompts x group`` SDE samples of ``steps`` steps, decoded and s
   step, its own decode and reward call), what a first implementation written from the paper's
   pseudocode does.
 
-The update is :meth:`FlowGRPO.training_step` on a stored rollout (all trained steps of all
-samples in one batch, reference policy in the same batch layout) against the same loss summed
+The update is :meth:`FlowGRPO.training_step` on a stored rollout (all samples in one batch,
+the trained steps back-propagated one at a time as the trainer does) against the same loss
 image by image. Both sides do the same arithmetic; the ratio is what batching buys. Printed:
 rollouts/s (images per second) and seconds per RL update, ours vs the loop, from one run.
 Run it alone; a busy CPU inflates every number.
@@ -94,7 +94,8 @@ def main() -> None:
         algo._buffer = [{"latents": roll["latents"], "log_probs": roll["log_probs"],
                          "advantages": roll["advantages"], "captions": roll["captions"]}]
         start = time.perf_counter()
-        algo.training_step(batch, 1)["lora"].backward()
+        for part in algo.training_step(batch, 1)["lora"]:  # as the trainer does: backward part by part
+            part.backward()
         return time.perf_counter() - start
 
     def looped_update():
@@ -103,7 +104,8 @@ def main() -> None:
         for i in range(images):
             algo._buffer = [{"latents": roll["latents"][i:i + 1], "log_probs": roll["log_probs"][i:i + 1],
                              "advantages": roll["advantages"][i:i + 1], "captions": roll["captions"][i:i + 1]}]
-            (algo.training_step(batch, 1)["lora"] / images).backward()
+            for part in algo.training_step(batch, 1)["lora"]:
+                (part / images).backward()
         return time.perf_counter() - start
 
     ours_roll = timed(batched_rollout, args.repeats)

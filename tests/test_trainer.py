@@ -382,6 +382,50 @@ def test_only_the_newest_checkpoint_keeps_optimizer_state_and_the_log_says_the_s
         Trainer(config(tmp_path, "train.steps=8", "run.resume=true"), Regression(), regression_data(8))
 
 
+class InParts(Regression):
+    """The same regression, its loss given as two halves of the batch (each half's mean / 2),
+    each computed only when the trainer asks for it."""
+
+    def __init__(self):
+        super().__init__(noisy=False)
+        self.alive = []
+
+    def training_step(self, batch, step):
+        x, y = batch
+        half = len(x) // 2
+
+        def parts():
+            for sl in (slice(0, half), slice(half, None)):
+                self.alive.append(sl)
+                yield F.mse_loss(self.net(x[sl]).float(), y[sl]) / 2
+
+        return {"net": parts()}
+
+
+def test_a_loss_in_parts_trains_exactly_like_the_whole_loss(tmp_path):
+    """Parts are back-propagated one by one; the update is the whole loss's (to float rounding),
+    the logged loss their sum, and a part that is not a scalar is refused."""
+    seed_everything(0)
+    whole = Trainer(config(tmp_path, "train.steps=3", name="whole"), Regression(noisy=False), regression_data(8))
+    whole.fit()
+    seed_everything(0)
+    algo = InParts()
+    parted = Trainer(config(tmp_path, "train.steps=3", name="parts"), algo, regression_data(8))
+    parted.fit()
+    assert len(algo.alive) == 6  # two parts a step, both asked for
+    for a, b in zip(whole.modules["net"].parameters(), parted.modules["net"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for r, q in zip(metrics(whole), metrics(parted)):
+        assert float(r["loss/net"]) == pytest.approx(float(q["loss/net"]), rel=1e-5)
+
+    class BadPart(Regression):
+        def training_step(self, batch, step):
+            return {"net": iter([torch.ones(2, requires_grad=True)])}
+
+    with pytest.raises(ValueError, match="every part must be a scalar tensor"):
+        Trainer(config(tmp_path, "train.steps=1", name="bad"), BadPart(), regression_data(8)).fit()
+
+
 def test_a_later_checkpoint_left_by_another_process_never_strips_the_newest(tmp_path):
     """A step_* directory with a later step appearing mid-run (another process writing into the
     same run directory) is not counted as newest: the checkpoint just written keeps its

@@ -18,7 +18,9 @@ noise (its mean), so the scored image is the rollout's clean end; only the first
 ``train_steps`` steps are trained (Flow-GRPO: 9 of 10).
 
 A rollout is cut into ``updates_per_rollout`` minibatches, one optimizer update each: the
-first update is on-policy (ρ = 1), later ones are where the clipping acts.
+first update is on-policy (ρ = 1), later ones are where the clipping acts. An update's loss
+comes to the trainer one trained step at a time (an iterable of parts, see
+:meth:`zimagekit.trainer.Algorithm.training_step`), so only one step's graph is in memory.
 
     zimagekit rl --config configs/shapes/flow_grpo.yaml
     zimagekit rl export runs/shapes-flow-grpo OUT_FOLDER
@@ -166,8 +168,16 @@ class FlowGRPO(Algorithm):
                              "advantages": roll["advantages"][i], "captions": [roll["captions"][j] for j in i]}
                             for i in parts]
         mb = self._buffer.pop(0)
+        group = next(iter(self.modules()))
+        # One part per trained step, each back-propagated by the trainer before the next is
+        # computed (Flow-GRPO's step-by-step backward): one step's graph in memory at a time.
+        return {group: self._step_losses(mb)}
+
+    def _step_losses(self, mb):
+        """Yield each trained step's loss / train_steps (their sum is the mean over steps),
+        then record the step's metrics."""
         captions, negatives = mb["captions"], [self.empty] * len(mb["captions"])
-        losses, kls, ratios, clipped = [], [], [], []
+        kls, ratios, clipped = [], [], []
         for k in range(self.train_steps):
             x, x_next = mb["latents"][:, k], mb["latents"][:, k + 1]
             mean, std = self._mean_and_std(self.model, x, k, captions, negatives)
@@ -179,14 +189,12 @@ class FlowGRPO(Algorithm):
                 kl = gaussian_kl(mean, ref_mean, std).mean()
                 loss = loss + self.grpo.kl_beta * kl
                 kls.append(kl.detach())
-            losses.append(loss)
             ratios.append(ratio.detach())
             clipped.append(((ratio.detach() - 1).abs() > self.grpo.clip_range).float().mean())
-        ratio = torch.stack(ratios)
-        self._metrics.update({"ratio/max": ratio.max().item(), "clip_fraction": torch.stack(clipped).mean().item(),
+            yield loss / self.train_steps
+        self._metrics.update({"ratio/max": torch.stack(ratios).max().item(),
+                              "clip_fraction": torch.stack(clipped).mean().item(),
                               "kl": torch.stack(kls).mean().item() if kls else 0.0})
-        group = next(iter(self.modules()))
-        return {group: torch.stack(losses).mean()}
 
     def metrics(self):
         return dict(self._metrics)

@@ -44,7 +44,12 @@ class Algorithm:
         """Scalar loss per group to update on this step. Called ``grad_accum_steps`` times
         per update (once per micro-batch, same ``step``), under autocast when precision is
         bf16. Each loss is back-propagated into its own group's parameters only, so a loss
-        may read another group's modules without pushing gradients into them."""
+        may read another group's modules without pushing gradients into them.
+
+        A group's loss may instead be an iterable (a generator) of scalar parts whose sum is
+        the loss: the trainer back-propagates each part as soon as it is produced, so only one
+        part's graph is in memory at a time (Flow-GRPO's step-by-step backward). Parts are
+        summed into the logged loss; a non-finite sum stops the run before the optimizer step."""
         raise NotImplementedError
 
     def optim_config(self, group: str, base: OptimConfig) -> OptimConfig:

@@ -340,23 +340,30 @@ class Trainer:
         totals: dict[str, float] = {}
         for micro in range(accum):
             batch = self.data.next_batch()
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
+            with self._autocast():
                 losses = self.algorithm.training_step(batch, step)
             self._check_losses(losses, step, totals if micro else None)
+            # Into each group's parameters only: a loss that reads another group's module
+            # must not update it. Only needed when several groups step this update (a group
+            # without a loss does not step, and its gradients are cleared first); a single
+            # loss is left unrestricted because FSDP2's sharded parameters are not autograd
+            # leaves that inputs= could name. Mean over micro-batches, hence the division.
+            restrict = len(losses) > 1
+            # A group given as parts: each part is computed, then back-propagated at once, so
+            # only one part's graph is alive at a time; its value is their sum.
+            streamed = {g: self._backward_parts(g, loss, accum, restrict)
+                        for g, loss in losses.items() if not isinstance(loss, torch.Tensor)}
             # Means over processes: every rank logs the global batch's loss and stops together.
-            values = parallel.mean_over_ranks([loss.detach().float().item() for loss in losses.values()])
-            for i, ((group, loss), value) in enumerate(zip(losses.items(), values)):
+            values = parallel.mean_over_ranks([streamed[g] if g in streamed else loss.detach().float().item()
+                                               for g, loss in losses.items()])
+            whole = [g for g in losses if g not in streamed]
+            for group, value in zip(losses, values):
                 if not math.isfinite(value):
                     self._diverged(f"the {group} loss is {value}", step)
                 totals[group] = totals.get(group, 0.0) + value
-                # Into this group's parameters only: a loss that reads another group's
-                # module must not update it. Only needed when several groups step this
-                # update (a group without a loss does not step, and its gradients are
-                # cleared first); a single loss is left unrestricted because FSDP2's sharded
-                # parameters are not autograd leaves that inputs= could name. Mean over
-                # micro-batches, hence the division.
-                inputs = self._trainable[group] if len(losses) > 1 else None
-                (loss / accum).backward(inputs=inputs, retain_graph=i < len(losses) - 1)
+            for i, group in enumerate(whole):
+                (losses[group] / accum).backward(inputs=self._trainable[group] if restrict else None,
+                                                 retain_graph=i < len(whole) - 1)
         norms = {}
         for group in totals:
             clip = self._optim_cfgs[group].grad_clip
@@ -381,11 +388,32 @@ class Trainer:
         for group, loss in losses.items():
             if group not in self.modules:
                 raise ValueError(f"{name}.training_step returned a loss for {group!r}; its groups are {list(self.modules)}")
-            if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
-                raise ValueError(f"{name}.training_step loss {group!r} must be a scalar tensor")
+            if isinstance(loss, torch.Tensor) and loss.ndim == 0:
+                continue
+            if isinstance(loss, torch.Tensor) or not hasattr(loss, "__iter__"):
+                raise ValueError(f"{name}.training_step loss {group!r} must be a scalar tensor or an iterable of them")
         if earlier is not None and set(losses) != set(earlier):
             raise ValueError(f"{name}.training_step returned groups {sorted(losses)} at step {step} after "
                              f"{sorted(earlier)} in an earlier micro-batch of the same step")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def _backward_parts(self, group: str, parts, accum: int, restrict: bool) -> float:
+        """Back-propagate each scalar part of ``group``'s loss as it is produced (each under
+        autocast, like training_step); returns the sum of their values."""
+        name = type(self.algorithm).__name__
+        total = 0.0
+        parts = iter(parts)
+        while True:
+            with self._autocast():
+                part = next(parts, None)
+            if part is None:
+                return total
+            if not (isinstance(part, torch.Tensor) and part.ndim == 0):
+                raise ValueError(f"{name}.training_step loss {group!r}: every part must be a scalar tensor")
+            total += part.detach().float().item()
+            (part / accum).backward(inputs=self._trainable[group] if restrict else None)
 
     def _diverged(self, what: str, step: int) -> NoReturn:
         saved = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
