@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
@@ -42,6 +42,9 @@ for stage in $STAGES; do
       train_export shapes-flow-grpo configs/shapes/flow_grpo.yaml grpo.group_size=6 grpo.sde_steps=8 \
           train.batch_size=2 train.steps=40 train.ckpt_every=20 train.log_every=5 optim.lr=3.0e-4
       evaluate flow-grpo runs/export/shapes-flow-grpo 50 3 ;;
+    dpo)      # Diffusion-DPO on the teacher, on-policy pairs (best vs worst of 6 by the judge)
+      train_export shapes-dpo configs/shapes/diffusion_dpo.yaml train.steps=40 train.batch_size=2 train.ckpt_every=20
+      evaluate diffusion-dpo runs/export/shapes-dpo 50 3 ;;
     hack)     # the control of DMDR Fig. 4: ReFL on the hackable colour-mass reward, without DM
       train_export shapes-hack-rl-only configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.dm_weight=0 dmdr.rl_weight=1 \
           dmdr.reward=zimagekit.shapes.rewards:ColourMassReward train.steps=200
