@@ -78,6 +78,13 @@ def test_eval_seeds_are_distinct_and_more_images_only_add_images():
     assert set((e, s) for e, _, s in one) <= set((e, s) for e, _, s in three)
     with pytest.raises(ev.ZImageKitError, match="at least 1"):
         ev.eval_jobs(0)
+    # An offset of the set's size gives the same prompts at disjoint seeds.
+    second = ev.eval_jobs(4, seed_offset=4 * n)
+    assert [(e, p) for e, p, _ in second] == [(e, p) for e, p, _ in ev.eval_jobs(4)]
+    assert {s for *_, s in second}.isdisjoint(s for *_, s in ev.eval_jobs(4))
+    assert [s for _, _, s in second[:2]] == [4 * n, 5 * n]
+    with pytest.raises(ev.ZImageKitError, match="seed offset"):
+        ev.eval_jobs(1, seed_offset=-1)
 
 
 def test_the_data_scores_perfectly_and_varies_across_seeds():

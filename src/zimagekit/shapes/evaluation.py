@@ -56,22 +56,25 @@ METRICS = ("diversity", "saturation", "mean", "std")
 # ----------------------------------------------------------------------------------------
 
 
-def eval_jobs(images_per_prompt: int, combos: str = "held_out") -> list[tuple[int, world.Prompt, int]]:
+def eval_jobs(images_per_prompt: int, combos: str = "held_out", seed_offset: int = 0) -> list[tuple[int, world.Prompt, int]]:
     """``(entry, prompt, seed)`` for image j of every entry e of ``world.eval_prompts(combos)``,
-    seed = e + j·E, entry-major."""
+    seed = offset + e + j·E, entry-major. An offset of k·E·images gives a disjoint seed set,
+    to check a difference on fresh samples."""
     if images_per_prompt < 1:
         raise ZImageKitError(f"images per prompt must be at least 1, got {images_per_prompt}")
+    if seed_offset < 0:
+        raise ZImageKitError(f"seed offset must be >= 0, got {seed_offset}")
     prompts = world.eval_prompts(combos)
-    return [(e, p, e + j * len(prompts)) for e, p in enumerate(prompts) for j in range(images_per_prompt)]
+    return [(e, p, seed_offset + e + j * len(prompts)) for e, p in enumerate(prompts) for j in range(images_per_prompt)]
 
 
 @torch.no_grad()
 def generate_eval_set(pipe, steps: int | None = None, guidance_scale: float | None = None,
-                      images_per_prompt: int = 4, batch: int = 72, combos: str = "held_out"):
+                      images_per_prompt: int = 4, batch: int = 72, combos: str = "held_out", seed_offset: int = 0):
     """``(image, prompt, {"entry": e, "seed": s})`` for every job of :func:`eval_jobs`, drawn by
     ``pipe`` in batches; ``None`` takes the folder's default. Each image has its own generator
     seeded with s, so batching does not change it."""
-    jobs = eval_jobs(images_per_prompt, combos)
+    jobs = eval_jobs(images_per_prompt, combos, seed_offset)
     samples = []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i : i + batch]
@@ -187,7 +190,7 @@ def format_metrics(row: dict) -> str:
 
 
 def evaluate_folder(model_folder: Path, steps: int | None, guidance_scale: float | None, images_per_prompt: int = 4,
-             out: Path | None = None, combos: str = "held_out") -> tuple[Report, dict]:
+                    out: Path | None = None, combos: str = "held_out", seed_offset: int = 0) -> tuple[Report, dict]:
     """:func:`measure` of ``model_folder``'s eval set (``None``: the folder's default steps or
     guidance; ``combos``: the held-out prompts or their seen-combination twin). With ``out``,
     also writes results.jsonl (per image), summary.txt, metrics.json (the row) and grid.png
@@ -195,7 +198,7 @@ def evaluate_folder(model_folder: Path, steps: int | None, guidance_scale: float
     from ..pipeline import ZImagePipeline
 
     samples = generate_eval_set(ZImagePipeline.from_pretrained(model_folder), steps, guidance_scale,
-                                images_per_prompt, combos=combos)
+                                images_per_prompt, combos=combos, seed_offset=seed_offset)
     report, row = measure(samples)
     if out is not None:
         _write_eval(out, samples, report, row)
@@ -209,7 +212,8 @@ def _write_eval(out: Path, samples, report: Report, row: dict) -> None:
     report.write_jsonl(out / "results.jsonl")
     (out / "summary.txt").write_text(f"{report.summary()}\n{format_metrics(row)}\n")
     (out / "metrics.json").write_text(json.dumps(row, indent=1) + "\n")
-    firsts = [im for im, _, ids in samples if ids["seed"] == ids["entry"]]  # image 0 of each entry
+    seen = set()
+    firsts = [im for im, _, ids in samples if ids["entry"] not in seen and not seen.add(ids["entry"])]  # image 0 of each
     firsts = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in firsts]
     image_grid(firsts, cols=world.EVAL_PER_CATEGORY).save(out / "grid.png")
 

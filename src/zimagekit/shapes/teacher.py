@@ -369,6 +369,8 @@ def main(argv=None) -> int:
     v.add_argument("--cfg-scale", type=float, default=3.0, help="guidance w in pos + w(pos - neg) (default 3)")
     v.add_argument("--images-per-prompt", type=int, default=4, help="images per eval prompt, fixed seeds (default 4)")
     v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt, metrics.json and grid.png")
+    v.add_argument("--seed-offset", type=int, default=0, help="added to every seed; 432 (108 prompts x 4 images) "
+                   "gives a disjoint set, to check a difference on fresh samples (default 0)")
     c = sub.add_parser("curve", help="judge and measure every checkpoint of a run: curves.csv and curves.png")
     c.add_argument("run_dir", type=Path, help="the training run directory")
     c.add_argument("model", type=Path, help="a Z-Image model folder with the run's encoders and scheduler (e.g. "
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
             print((args.out / "streams.md").read_text(), end="")
         elif args.command == "evaluate":
             report, row = evaluate_folder(args.model, args.steps, args.cfg_scale, args.images_per_prompt,
-                                          args.out, combos=args.prompts)
+                                          args.out, combos=args.prompts, seed_offset=args.seed_offset)
             print(f"{report.summary()}\n{format_metrics(row)}")
         else:
             from ..pipeline import ZImagePipeline
