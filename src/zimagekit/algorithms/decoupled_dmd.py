@@ -252,22 +252,27 @@ class DecoupledDMD(Algorithm):
 
     def training_step(self, batch, step):
         captions = list(batch["captions"])
-        device = self.teacher.device
-        # Backward simulation (DMD2 sample_backward): one k per batch, uniform over the N
-        # steps; the student trains on what its own k-step rollout gives at σ_k.
+        x, k, sigma, update_student = self.student_prediction(captions, step)
+        losses = {"fake_score": self.fake_score_loss(x.detach(), captions)}
+        if update_student:
+            g = self.student_direction(x, captions, self.draw_renoise(x, time_from_sigma(sigma)))
+            losses["student"] = generator_loss(x, g)
+        return losses
+
+    def student_prediction(self, captions, step: int):
+        """``(x, k, σ_k, update_student)``: the student's x̂ at step k of its own rollout, with
+        grad only on the steps the student updates. Backward simulation (DMD2 sample_backward):
+        one k per batch, uniform over the N steps; the student trains on what its own k-step
+        rollout gives at σ_k."""
         k = int(torch.randint(self.distill.student_steps, ()))
-        noise = cpu_randn((len(captions), *self.latent_shape), device=device)
+        noise = cpu_randn((len(captions), *self.latent_shape), device=self.teacher.device)
         z = backward_simulation(self.student, noise, self.sigmas, captions, k)
         sigma = self.sigmas[k].expand(len(captions))
         # TTUR: trainer steps count from 1, so the student's m-th update is step m·K.
         update_student = step % self.distill.fake_updates_per_student == 0
         with torch.set_grad_enabled(update_student):
             x = denoise(self.student, z, sigma, captions)
-        losses = {"fake_score": self.fake_score_loss(x.detach(), captions)}
-        if update_student:
-            g = self.student_direction(x, captions, self.draw_renoise(x, time_from_sigma(sigma)))
-            losses["student"] = generator_loss(x, g)
-        return losses
+        return x, k, sigma, update_student
 
     def fake_score_loss(self, x: torch.Tensor, captions) -> torch.Tensor:
         """The fake score's update on the student's (detached) samples: the pre-training loss

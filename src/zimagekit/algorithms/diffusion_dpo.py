@@ -74,6 +74,22 @@ class DiffusionDPOConfig(TrainConfig):
 CONFIG = DiffusionDPOConfig
 
 
+class NoisedPairs:
+    """Winners and losers (B, C, F, H, W) noised to one σ per pair with one ε per pair, shared by
+    both images (Eq. 14): the inputs on which the policy's and the reference's errors compare."""
+
+    def __init__(self, winners: torch.Tensor, losers: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor):
+        x0, noise = torch.cat([winners, losers]), torch.cat([noise, noise])
+        self.sigma = torch.cat([sigma, sigma]).to(x0)
+        self.x_t = add_noise(x0, noise, self.sigma.view(-1, *([1] * (x0.ndim - 1))))
+        self.target = velocity(x0, noise)
+
+    def errors(self, model, captions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair mean squared velocity error of ``model`` on the winners and on the losers."""
+        pred = model(self.x_t.to(model.dtype), time_from_sigma(self.sigma), list(captions) * 2)
+        return (pred.float() - self.target).pow(2).flatten(1).mean(1).chunk(2)
+
+
 class DiffusionDPO(Algorithm):
     metric_names = ("implicit_accuracy", "pairs", "reward/best", "reward/worst")
 
@@ -109,9 +125,6 @@ class DiffusionDPO(Algorithm):
         grouped = latents.view(n, g.group_size, *latents.shape[1:])
         return grouped[keep, best[keep]], grouped[keep, worst[keep]], [captions[i] for i in keep]
 
-    def _errors(self, model, x_t, sigma, target, captions):
-        pred = model(x_t.to(model.dtype).unsqueeze(2), time_from_sigma(sigma), captions + captions).squeeze(2)
-        return (pred.float() - target).pow(2).flatten(1).mean(1).chunk(2)
 
     def training_step(self, batch, step):
         if "winners" in batch:
@@ -122,16 +135,15 @@ class DiffusionDPO(Algorithm):
         self._metrics["pairs"] = float(len(captions))
         if not captions:  # every group tied: nothing to prefer; a zero loss that still reaches the weights
             return {group: sum(p.sum() for p in self.modules()[group].parameters()) * 0.0}
-        x0 = torch.cat([winners, losers]).to(self.model.device, torch.float32)
-        sigma = training_sigmas(len(winners), self.schedule, self.model.config.image_tokens(*x0.shape[-2:]),
+        # (B, C, F = 1, H, W), as the transformer takes them
+        winners = winners.to(self.model.device, torch.float32).unsqueeze(2)
+        losers = losers.to(self.model.device, torch.float32).unsqueeze(2)
+        sigma = training_sigmas(len(winners), self.schedule, self.model.config.image_tokens(*winners.shape[-2:]),
                                 self.dpo.logit_mean, self.dpo.logit_std)
-        noise = torch.randn_like(winners).repeat(2, 1, 1, 1)  # one ε per pair, shared by w and l
-        sigma2 = sigma.repeat(2).to(x0)
-        x_t = add_noise(x0, noise, sigma2.view(-1, 1, 1, 1))
-        target = velocity(x0, noise)
-        error_w, error_l = self._errors(self.model, x_t, sigma2, target, captions)
+        pair = NoisedPairs(winners, losers, sigma, torch.randn_like(winners))
+        error_w, error_l = pair.errors(self.model, captions)
         with torch.no_grad(), self.policy.reference() as reference:
-            ref_w, ref_l = self._errors(reference, x_t, sigma2, target, captions)
+            ref_w, ref_l = pair.errors(reference, captions)
         loss, accuracy = diffusion_dpo_loss(error_w, error_l, ref_w, ref_l, self.dpo.beta)
         self._metrics["implicit_accuracy"] = accuracy.item()
         return {group: loss}

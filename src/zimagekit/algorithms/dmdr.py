@@ -48,7 +48,7 @@ from ..errors import ZImageKitError
 from ..lora import LoRA
 from ..rewards import load_reward, reward_name, score
 from ..runconfig import require_config
-from ..sampling import add_noise, cpu_randn, time_from_sigma, velocity
+from ..sampling import add_noise, cpu_randn, time_from_sigma
 from ..trainer import Trainer, seed_everything
 from .decoupled_dmd import (
     DecoupledDMD,
@@ -56,12 +56,12 @@ from .decoupled_dmd import (
     Renoise,
     as_student_pipeline,
     backward_simulation,
-    denoise,
     flow_matching_loss,
     generator_loss,
     resolve,
     student_pipeline,
 )
+from .diffusion_dpo import NoisedPairs
 from .prompt_data import prompt_source
 from .rl_maths import diffusion_dpo_loss, dynadg_real_scale, dynars_sigmas, group_advantages
 
@@ -188,14 +188,7 @@ class DMDR(DecoupledDMD):
         if rl in ("grpo", "dpo"):  # groups of one prompt's samples, consecutive
             captions = [c for c in captions for _ in range(self.dmdr.group_size)]
             prompts = [p for p in prompts for _ in range(self.dmdr.group_size)]
-        device = self.teacher.device
-        k = int(torch.randint(self.distill.student_steps, ()))
-        noise = cpu_randn((len(captions), *self.latent_shape), device=device)
-        z = backward_simulation(self.student, noise, self.sigmas, captions, k)
-        sigma = self.sigmas[k].expand(len(captions))
-        update_student = step % self.distill.fake_updates_per_student == 0
-        with torch.set_grad_enabled(update_student):
-            x = denoise(self.student, z, sigma, captions)
+        x, k, sigma, update_student = self.student_prediction(captions, step)
         losses = {"fake_score": self.fake_score_loss(x.detach(), captions)}
         if not update_student:
             return losses
@@ -239,19 +232,10 @@ class DMDR(DecoupledDMD):
         losers = finished.view(-1, n, *finished.shape[1:])[rows, grouped.argmin(1)[keep]]
         caps = [captions[int(r) * n] for r in rows]
         j = torch.randint(self.distill.student_steps, (len(rows),))
-        sigma = self.sigmas[j].to(winners)
-        eps = torch.randn_like(winners)
-        x0, noise, sig = torch.cat([winners, losers]), torch.cat([eps, eps]), torch.cat([sigma, sigma])
-        x_t = add_noise(x0, noise, _per_sample(sig, x0))
-        target = velocity(x0, noise)
-
-        def errors(model):
-            v = model(x_t, time_from_sigma(sig), caps + caps)
-            return (v.float() - target).pow(2).flatten(1).mean(1).chunk(2)
-
-        e_w, e_l = errors(self.student)
+        pair = NoisedPairs(winners, losers, self.sigmas[j], torch.randn_like(winners))
+        e_w, e_l = pair.errors(self.student, caps)
         with torch.no_grad():
-            r_w, r_l = errors(self.reference_student)
+            r_w, r_l = pair.errors(self.reference_student, caps)
         loss, accuracy = diffusion_dpo_loss(e_w, e_l, r_w, r_l, self.dmdr.dpo_beta)
         self._metrics["implicit_accuracy"] = accuracy.item()
         return loss
