@@ -51,7 +51,8 @@ def test_text_encoder_runs_one_layer_fewer_and_no_final_norm(zimage_pipe, tiny_m
     config = json.loads((tiny_model_dir / "text_encoder" / "config.json").read_text())
     model = zimage_pipe.text_encoder.model
     assert len(model.layers) == config["num_hidden_layers"] - 1
-    assert isinstance(model.norm, torch.nn.Identity)
+    # Neither the last layer, the final norm nor lm_head is in memory.
+    assert not [k for k in model.state_dict() if k.startswith(f"layers.{config['num_hidden_layers'] - 1}.") or "norm.weight" == k]
 
 
 def test_prompt_features_equal_reference_hidden_states(zimage_pipe, reference_pipe):
@@ -296,7 +297,7 @@ def test_truncated_vae_weights_are_named(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / "m")
     weights = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ZImageKitError, match="cannot load vae from") as error:
+    with pytest.raises(ZImageKitError, match=r"vae/diffusion_pytorch_model.safetensors: .*truncated") as error:
         ZImagePipeline.from_pretrained(tmp_path / "m")
     assert "\n" not in str(error.value)
 

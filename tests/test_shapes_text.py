@@ -11,7 +11,7 @@ import torch
 
 from zimagekit.errors import ZImageKitError
 from zimagekit.shapes import text, world
-from zimagekit.text_encoder import QWEN3_ADDED_TOKENS, Qwen3TextEncoder, chat_prompt
+from zimagekit.text_encoder import QWEN3_ADDED_TOKENS, Qwen3TextEncoder
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shapes"
 
@@ -150,7 +150,7 @@ def test_shipped_encoder_restates_held_out_captions_in_canonical_form(shipped_di
     for caption in ["a blue circle to the right of a green square", "a green square to the right of a blue circle",
                     "an orange square below a purple triangle", "three purple squares", "two purple squares",
                     "a triangle and a circle"]:
-        assert greedy(chat_prompt(tokenizer, caption)) == text.canonical_answer(caption), caption
+        assert greedy(text.chat_prompt(tokenizer, caption)) == text.canonical_answer(caption), caption
     for start in ["", "two", "a green"]:
         caption = start + greedy("<|im_start|>user\n" + start)
         assert world.parse_prompt(caption).text == caption and caption.startswith(start)
@@ -259,7 +259,7 @@ def test_read_identity_loss_is_cross_entropy_of_each_prompt_token_at_the_read_la
     both = text.CaptionLM(lm, text.ObjectiveSection(read_identity_weight=0.5)).training_step(batch, 1)[text.GROUP]
     total, count = 0.0, 0
     for caption in ["a red circle", "two green squares"]:
-        ids = tokenizer(chat_prompt(tokenizer, caption)).input_ids
+        ids = tokenizer(text.chat_prompt(tokenizer, caption)).input_ids
         with torch.no_grad():
             read = lm(torch.tensor([ids]), output_hidden_states=True).hidden_states[-2][0]
             logp = lm.lm_head(lm.model.norm(read)).log_softmax(-1)

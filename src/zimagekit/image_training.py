@@ -121,11 +121,10 @@ def _encoded_data(cfg: ZImageTrainConfig, folder, device):
 
 def _load_encoders(folder, device):
     """The folder's VAE and text encoder, frozen, fp32."""
-    from diffusers import AutoencoderKL
-
+    from .autoencoder import AutoencoderKL
     from .pipeline import load_text_encoder
 
-    vae = AutoencoderKL.from_pretrained(folder.component("vae"), local_files_only=True, use_safetensors=True).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(folder.component("vae"), device=device)
     return vae.requires_grad_(False), load_text_encoder(folder.root, torch.float32, device)
 
 

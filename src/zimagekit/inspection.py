@@ -20,7 +20,6 @@ import torch
 
 from .errors import ZImageKitError
 from .s3dit import PRESETS, S3DiT, S3DiTConfig, padded_length, parameter_breakdown
-from .text_encoder import chat_prompt
 
 
 def resolve_config(spec: str) -> S3DiTConfig:
@@ -93,7 +92,7 @@ def trace(folder, prompt: str, size: int | None = None) -> str:
     handles.append(pipe.vae.decoder.register_forward_hook(record("vae.decoder")))
     try:
         features = pipe.encode_prompt(prompt)[0]
-        tokens = pipe.text_encoder.tokenizer(chat_prompt(pipe.text_encoder.tokenizer, prompt))["input_ids"]
+        tokens = pipe.text_encoder.token_ids([prompt])[0]
         side = size or pipe.defaults["height"]
         latents = pipe(prompt_embeds=[features], height=side, width=side, num_inference_steps=1, guidance_scale=0.0,
                        seed=0, output_type="latent", progress=False)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .autoencoder import AutoencoderKL
 from .errors import ZImageKitError
 from .request import GenerationRequest
 from .s3dit import S3DiT, max_caption_tokens
@@ -339,8 +340,6 @@ class ZImagePipeline:
         prompts first with :func:`load_text_encoder` and freed it, so the text encoder and the
         transformer are never in memory together.
         """
-        from diffusers import AutoencoderKL
-
         model = ModelFolder.open(folder)
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
@@ -352,9 +351,8 @@ class ZImagePipeline:
         transformer.requires_grad_(False).eval()
         vae_dtype = torch.float32 if model.vae_force_upcast else dtype
         with _loading(model, "vae"):
-            vae = AutoencoderKL.from_pretrained(model.component("vae"), dtype=vae_dtype, local_files_only=True,
-                                                use_safetensors=True)  # never unpickle a .bin
-        vae.to(home).requires_grad_(False).eval()
+            vae = AutoencoderKL.from_pretrained(model.component("vae"), dtype=vae_dtype, device=home)
+        vae.requires_grad_(False)
         if load_text_encoder:
             text_encoder = _load_text_encoder(model, dtype, home)
         else:

@@ -76,9 +76,11 @@ def _summary(label: str, keys: list[str], limit: int = 5) -> str:
     return f"{len(keys)} {label} ({shown})"
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: dict, strict: bool = True, source: str = "state dict") -> None:
+def check_state_dict(model: torch.nn.Module, state_dict: dict, strict: bool = True, source: str = "state dict",
+                     what: str | None = None) -> None:
     """Raise one :class:`ZImageKitError` naming the missing, unexpected and wrong-shaped
-    keys (first few of each, with counts) of a Hugging Face-named state dict."""
+    keys (first few of each, with counts) of a Hugging Face-named state dict; ``what`` names
+    the model in the message (default: the S3-DiT and its size)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = [k for k in expected if k not in given]
@@ -89,7 +91,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, strict: bool = Tr
         problems = ([_summary("missing", missing)] if missing else []) + ([_summary("unexpected", unexpected)] if unexpected else []) + problems
     if problems:
         raise ZImageKitError(
-            f"{source} does not fit this S3-DiT ({model.config.dim=}, {model.config.n_layers=}): "
+            f"{source} does not fit {what or f'this S3-DiT ({model.config.dim=}, {model.config.n_layers=})'}: "
             + "; ".join(problems)
             + ". Check that the weights and config.json belong to the same model."
         )

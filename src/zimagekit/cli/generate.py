@@ -262,13 +262,10 @@ def _check_prompt_lengths(folder, prompts: list[str], max_sequence_length: int) 
     any weights load, so a long prompt in a file never stops a batch halfway."""
     if folder.max_caption_tokens is None:
         return
-    from transformers import AutoTokenizer
+    from ..text_encoder import ChatTokenizer
 
-    from ..text_encoder import chat_prompt
-
-    tokenizer = AutoTokenizer.from_pretrained(folder.component("tokenizer"))
-    lengths = [min(len(ids), max_sequence_length)
-               for ids in tokenizer([chat_prompt(tokenizer, p) for p in prompts]).input_ids]
+    tokenizer = ChatTokenizer.from_pretrained(folder.component("tokenizer"))
+    lengths = [min(len(ids), max_sequence_length) for ids in tokenizer([tokenizer.format(p) for p in prompts])]
     limit = folder.max_caption_tokens
     too_long = [(n, p, length) for n, (p, length) in enumerate(zip(prompts, lengths), 1) if length > limit]
     if too_long:

@@ -111,15 +111,14 @@ class TeacherConfig(FlowMatchingConfig):
 
 
 def load_encoders(data: SceneData, device: torch.device | str = "cpu"):
-    """The shapes VAE (diffusers AutoencoderKL) and text encoder, frozen, fp32, on ``device``."""
-    from diffusers import AutoencoderKL
-
+    """The shapes VAE and text encoder, frozen, fp32, on ``device``."""
+    from ..autoencoder import AutoencoderKL
     from ..text_encoder import Qwen3TextEncoder
 
     for what, path in (("vae", data.vae), ("text_encoder", data.text_encoder), ("tokenizer", data.tokenizer)):
         if not Path(path).is_dir():
             raise ZImageKitError(f"data.{what}: no folder {path}; train it first (see README, 'Shapes world')")
-    vae = AutoencoderKL.from_pretrained(data.vae, use_safetensors=True).float().to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(data.vae, dtype=torch.float32, device=device).requires_grad_(False)
     text = Qwen3TextEncoder.from_pretrained(data.text_encoder, data.tokenizer, dtype=torch.float32, device=device)
     return vae, text
 

@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from ..cli.runs import add_run_commands
 from ..errors import ZImageKitError, exit_code
 from ..runconfig import load_config
-from ..text_encoder import QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, chat_prompt, quiet_transformers
+from ..text_encoder import QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE
 from ..trainer import EMA, Algorithm, IndexDataSource, TrainConfig, Trainer, seed_everything
 from . import world
 
@@ -126,6 +126,30 @@ def _replace_folder(out: Path, write: Callable[[Path], None]) -> None:
 def save_tokenizer(out: Path) -> None:
     """Build the tokenizer and write it to ``out`` (replaced if it exists)."""
     _replace_folder(out, build_tokenizer().save_pretrained)
+
+
+def chat_prompt(tokenizer, caption: str) -> str:
+    """A caption as the pipeline feeds it (:meth:`zimagekit.text_encoder.ChatTokenizer.format`),
+    through a transformers tokenizer, which the text-encoder training here uses."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' per-load report and progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(folder: str | Path):
@@ -427,8 +451,7 @@ def linear_probe(text_encoder_dir: Path, tokenizer_dir: Path, captions: int = 40
     for what, folder in (("text encoder", text_encoder_dir), ("tokenizer", tokenizer_dir)):
         if not (Path(folder) / ("config.json" if what == "text encoder" else "tokenizer_config.json")).is_file():
             raise ZImageKitError(f"{folder}: not a {what} folder")
-    with quiet_transformers():
-        encoder = Qwen3TextEncoder.from_pretrained(text_encoder_dir, tokenizer_dir)
+    encoder = Qwen3TextEncoder.from_pretrained(text_encoder_dir, tokenizer_dir)
     train = sorted({world.sample_prompt(10**9 + i, "train").text for i in range(captions)})
     test = sorted({p.text for p in world.eval_prompts()
                    if any((o.color, o.shape) in world.HELD_OUT for o in p.objects)})
