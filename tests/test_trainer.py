@@ -502,6 +502,42 @@ def test_resume_takes_a_published_checkpoint_the_pointer_lags_behind(tmp_path, c
         assert torch.equal(a, b)
 
 
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    from zimagekit.trainer import loop
+
+    seed_everything(0)
+    cfg = ["train.steps=6", "train.ckpt_every=2"]
+    trainer = Trainer(config(tmp_path, *cfg), Regression(), regression_data(8))
+    real_save = loop.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if "step_0000004" in path and path.endswith("state.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_file", save_file)
+    with pytest.raises(ZImageKitError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert str(trainer.ckpt_dir / "step_0000002") in message and "run.resume=true" in message
+    assert checkpoint_steps(trainer) == ["step_0000002"]  # no half-written step_0000004 or .tmp- left
+    assert (trainer.ckpt_dir / "latest").read_text().strip() == "step_0000002"
+    monkeypatch.undo()
+    resumed = Trainer(config(tmp_path, *cfg, "run.resume=true"), Regression(), regression_data(8))
+    assert resumed.step == 2
+    resumed.fit()
+    assert resumed.step == 6
+
+
+def test_an_unwritable_run_directory_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ZImageKitError, match=r"cannot write the run directory .*choose a run.dir you can write to"):
+        Trainer(config(tmp_path / "file", "train.steps=1"), Regression(), regression_data(8))
+
+
 def test_an_existing_run_is_never_overwritten(tmp_path):
     seed_everything(0)
     Trainer(config(tmp_path, "train.steps=1"), Regression(), regression_data(8)).fit()

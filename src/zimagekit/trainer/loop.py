@@ -139,9 +139,13 @@ class Trainer:
         else:
             seed_everything(self.cfg.run.seed)
         if parallel.is_main():
-            self._discard_unpublished()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            try:
+                self._discard_unpublished()
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            except OSError as e:
+                raise ZImageKitError(f"cannot write the run directory {self.run_dir} ({e.strerror or e}); "
+                                     "choose a run.dir you can write to") from None
 
     def _latest_checkpoint(self) -> Path | None:
         """The checkpoint ``latest`` names, or a newer complete one: a process killed after
@@ -180,6 +184,17 @@ class Trainer:
         optimizers = {g: parallel.gather_to_main(o.state_dict()) for g, o in self.optimizers.items()}
         if not parallel.is_main():
             return
+        try:
+            self._write_checkpoint(name, modules, emas, optimizers)
+        except OSError as e:
+            # A full disk or a lost mount: what was published before is untouched.
+            shutil.rmtree(self.ckpt_dir / f".tmp-{name}", ignore_errors=True)
+            previous = (self.ckpt_dir / "latest").read_text().strip() if (self.ckpt_dir / "latest").is_file() else None
+            kept = (f"the previous checkpoint {self.ckpt_dir / previous} is intact: make room and resume with "
+                    "run.resume=true" if previous else "there is no earlier checkpoint: make room and start again")
+            raise ZImageKitError(f"cannot write checkpoint {name} in {self.ckpt_dir} ({e.strerror or e}); {kept}") from None
+
+    def _write_checkpoint(self, name: str, modules: dict, emas: dict, optimizers: dict) -> None:
         tmp = self.ckpt_dir / f".tmp-{name}"
         tmp.mkdir(parents=True)
         for group, state in modules.items():
