@@ -75,8 +75,9 @@ def test_bad_lora_files_get_one_clear_error(tmp_path):
     from safetensors.torch import save_file
 
     _, ours = oracle_and_ours(CFG)
-    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "sd.safetensors"))
-    with pytest.raises(ZImageKitError, match="not a Z-Image LoRA key"):
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2), "unet.down.lora_B.weight": torch.zeros(2, 2)},
+              str(tmp_path / "sd.safetensors"))
+    with pytest.raises(ZImageKitError, match="the model has no unet.down; this LoRA is for another model"):
         LoRA.load(ours, tmp_path / "sd.safetensors")
     save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 7),
                "transformer.layers.0.attention.to_q.lora_B.weight": torch.zeros(64, 2)}, str(tmp_path / "w.safetensors"))

@@ -1,5 +1,6 @@
 """LoRA for the S3-DiT, in the key format diffusers' Z-Image pipeline loads
-(``transformer.layers.0.attention.to_q.lora_A.weight`` …).
+(``transformer.layers.0.attention.to_q.lora_A.weight`` …); files in the other layouts people
+share (kohya, ComfyUI, peft, fused qkv) are renamed on load by :mod:`zimagekit.lora_formats`.
 
 A :class:`LoRA` is its own module: it holds the low-rank factors and adds their output to
 the model's linear layers through forward hooks, so the model's parameters and state dict
@@ -28,9 +29,12 @@ from torch import nn
 
 from .errors import ZImageKitError
 from .fileio import atomic_write
+from .lora_formats import to_diffusers_lora
 from .weights import read_safetensors
 
-# Hugging Face name -> (internal layer, which part of its fused output, how many parts)
+# A block's projections whose Hugging Face name differs from the model's layer: name ->
+# (internal layer, which part of its fused output, how many parts). Any other Linear (the
+# blocks' adaLN_modulation.0, t_embedder.mlp.0, ...) is addressed by its own path.
 TARGETS = {
     "attention.to_q": ("attention.qkv", 0, 3),
     "attention.to_k": ("attention.qkv", 1, 3),
@@ -40,7 +44,8 @@ TARGETS = {
     "feed_forward.w3": ("feed_forward.w13", 1, 2),
     "feed_forward.w2": ("feed_forward.w2", 0, 1),
 }
-_KEY = re.compile(r"^(?:transformer\.)?((?:layers|noise_refiner|context_refiner)\.\d+)\.(.+)\.lora_([AB])\.weight$")
+_BLOCK = re.compile(r"^((?:layers|noise_refiner|context_refiner)\.\d+)\.(.+)$")
+_KEY = re.compile(r"^transformer\.(.+)\.lora_([AB])\.weight$")
 
 
 def _blocks(model: nn.Module):
@@ -90,22 +95,20 @@ class LoRA(nn.Module):
 
     @classmethod
     def load(cls, model: nn.Module, path, scale: float = 1.0) -> "LoRA":
-        """Attach the adapters of a diffusers-format file at ``scale``."""
-        state = read_safetensors(Path(path))
+        """Attach the adapters of a LoRA file (any layout :mod:`zimagekit.lora_formats` reads) at
+        ``scale``."""
+        state = to_diffusers_lora(read_safetensors(Path(path)), str(path))
+        if not state:
+            raise ZImageKitError(f"{path}: the file holds no LoRA factors")
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             m = _KEY.match(key)
-            if not m or m.group(2) not in TARGETS:
-                raise ZImageKitError(f"{path}: {key!r} is not a Z-Image LoRA key (expected e.g. "
-                                     "transformer.layers.0.attention.to_q.lora_A.weight)")
-            pairs.setdefault(f"{m.group(1)}.{m.group(2)}", {})[m.group(3)] = tensor
+            pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
         lora = cls(model)
         for name, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
-                raise ZImageKitError(f"{path}: {name} has lora_{''.join(ab)} but not both A and B")
-            layer = lora._layer(name, path)
+            layer, _, parts, _ = lora._resolve(name, path)
             a, b = ab["A"], ab["B"]
-            out = layer.out_features // TARGETS[name.split(".", 2)[2]][2]
+            out = layer.out_features // parts
             if a.shape[1] != layer.in_features or b.shape[0] != out or a.shape[0] != b.shape[1]:
                 raise ZImageKitError(f"{path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}; this model "
                                      f"needs A (r, {layer.in_features}) and B ({out}, r)")
@@ -120,12 +123,19 @@ class LoRA(nn.Module):
         self.A[key] = nn.Parameter(a)
         self.B[key] = nn.Parameter(b)
 
-    def _layer(self, name: str, source="LoRA") -> nn.Linear:
-        block_name, target = ".".join(name.split(".")[:2]), name.split(".", 2)[2]
+    def _resolve(self, name: str, source="LoRA") -> tuple[nn.Linear, int, int, str]:
+        """A Hugging Face module name → (the model's Linear computing it, the part of its output,
+        how many parts, its internal path)."""
+        m = _BLOCK.match(name)
+        internal, part, parts = (TARGETS[m.group(2)] if m and m.group(2) in TARGETS else (None, 0, 1))
+        path = f"{m.group(1)}.{internal}" if internal else name
         try:
-            return self._model[0].get_submodule(block_name).get_submodule(TARGETS[target][0])
+            layer = self._model[0].get_submodule(path)
         except AttributeError:
-            raise ZImageKitError(f"{source}: the model has no {block_name}; this LoRA is for another model") from None
+            raise ZImageKitError(f"{source}: the model has no {name}; this LoRA is for another model") from None
+        if not isinstance(layer, nn.Linear):
+            raise ZImageKitError(f"{source}: {name} is not a linear layer of this model, so a LoRA cannot adapt it")
+        return layer, part, parts, path
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -133,11 +143,8 @@ class LoRA(nn.Module):
         """internal layer path -> (layer, parts, [(part index, key)])."""
         groups: dict[str, tuple] = {}
         for key in self.A:
-            name = key.replace(":", ".")
-            block_name, target = ".".join(name.split(".")[:2]), name.split(".", 2)[2]
-            internal, part, parts = TARGETS[target]
-            path = f"{block_name}.{internal}"
-            groups.setdefault(path, (self._layer(name), parts, []))[2].append((part, key))
+            layer, part, parts, path = self._resolve(key.replace(":", "."))
+            groups.setdefault(path, (layer, parts, []))[2].append((part, key))
         return groups
 
     def attach(self) -> "LoRA":
