@@ -146,6 +146,36 @@ def test_init_image_runs_img2img_like_the_reference(tiny_model_dir, tmp_path, ca
     assert "Denoising strength: 0.6" in Image.open(out).text["parameters"]
 
 
+def test_mask_inpaints_like_the_reference_and_a_wrong_mask_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    from diffusers import ZImageInpaintPipeline
+
+    source = Image.fromarray((np.random.RandomState(1).rand(64, 96, 3) * 255).astype(np.uint8))
+    source.save(tmp_path / "in.png")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 40:88] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "inpaint.png"
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-i", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                                  "-o", out), capsys)
+    assert status == 0, err
+    reference = ZImageInpaintPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(prompt="a cat", image=source, mask_image=Image.fromarray(mask), num_inference_steps=3,
+                         guidance_scale=0.0, generator=torch.Generator().manual_seed(42)).images  # strength 1.0
+    assert_same_pixels(out, expected[0])
+    assert "Denoising strength: 1, Mask: mask.png" in Image.open(out).text["parameters"]
+    capsys.readouterr()  # diffusers' loading bars
+
+    Image.fromarray(mask[:, :48]).save(tmp_path / "small.png")
+    bad = tmp_path / "bad.png"
+    status, _, err = run(generate(tiny_model_dir, "a cat", "-i", tmp_path / "in.png", "--mask", tmp_path / "small.png",
+                                  "-o", bad), capsys)
+    assert_one_line_error(status, err, "the mask", "is 48x64 but the init image is 96x64")
+    status, _, err = run(generate(tiny_model_dir, "a cat", "--mask", tmp_path / "mask.png", "-o", bad), capsys)
+    assert_one_line_error(status, err, "--mask needs --init-image")
+    assert not bad.exists()
+
+
 def test_metadata_keeps_non_latin_prompts_and_quotes_separators(tmp_path):
     from zimagekit.pngmeta import GenerationInfo, png_info
 
@@ -164,7 +194,8 @@ def test_help_explains_every_flag(capsys):
         "-p TEXT, --prompt TEXT", "-n TEXT, --negative-prompt TEXT", "-o FILE, --output FILE", "-W PX", "-H PX",
         "-s N, --seed N", "--steps",
         "--cfg-scale", "--guidance-scale", "--num-images", "--prompt-file", "--model", "--dtype", "--device",
-        "--init-image", "--strength", "--offload", "--no-metadata", "--cfg-normalization", "--cfg-truncation",
+        "--init-image", "--mask", "--strength", "--offload", "--no-metadata", "--cfg-normalization",
+        "--cfg-truncation",
     ]:  # fmt: skip
         assert flag in stdout, flag
 

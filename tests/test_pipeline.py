@@ -134,6 +134,57 @@ def test_img2img_equals_reference(zimage_pipe, tiny_model_dir):
     assert max_diff(our_images(zimage_pipe, init_image=image, **{**kwargs, "strength": 1.0}), got) > 1e-2
 
 
+def _masks(width, height):
+    """A rectangle and a ragged blob with soft (grey) edges, so the 0.5 threshold matters."""
+    rect = np.zeros((height, width), np.uint8)
+    rect[height // 4 : 3 * height // 4, width // 3 : width - 8] = 255
+    yy, xx = np.mgrid[:height, :width]
+    blob = np.clip(255 * (1.5 - np.hypot((xx - width * 0.3) / 20, (yy - height * 0.6) / 14)), 0, 255).astype(np.uint8)
+    return {"rectangle": Image.fromarray(rect), "blob": Image.fromarray(blob)}
+
+
+@pytest.fixture(scope="module")
+def inpaint_reference(tiny_model_dir):
+    from diffusers import ZImageInpaintPipeline
+
+    reference = ZImageInpaintPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@pytest.mark.parametrize("mask_name", ["rectangle", "blob"])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_equals_reference(zimage_pipe, inpaint_reference, mask_name, strength):
+    width, height = 96, 64  # non-square
+    image = Image.fromarray((np.random.RandomState(1).rand(height, width, 3) * 255).astype(np.uint8))
+    mask = _masks(width, height)[mask_name]
+    kwargs = dict(prompt="a photo of a cat", strength=strength, num_inference_steps=4, guidance_scale=2.0)
+    expected = reference_images(inpaint_reference, image=image, mask_image=mask, **kwargs)
+    got = our_images(zimage_pipe, image=image, mask_image=mask, **kwargs)
+    assert got.shape == expected.shape == (1, 3, height, width)
+    assert max_diff(got, expected) < ATOL
+
+
+def test_inpaint_keeps_the_unmasked_latents_and_checks_its_inputs(zimage_pipe):
+    width, height = 96, 64
+    image = Image.fromarray((np.random.RandomState(1).rand(height, width, 3) * 255).astype(np.uint8))
+    mask = _masks(width, height)["rectangle"]
+    latents = zimage_pipe("a cat", init_image=image, mask_image=mask, num_inference_steps=3, seed=1,
+                          output_type="latent", progress=False)
+    clean = zimage_pipe(
+        "a cat", init_image=image, num_inference_steps=3, seed=1, strength=1.0, output_type="latent", progress=False)
+    keep = (torch.nn.functional.interpolate(
+        torch.from_numpy(np.array(mask) >= 128).float()[None, None], size=latents.shape[2:], mode="nearest") == 0)
+    # Outside the mask the result is the init image's posterior sample itself; inside, generated.
+    x0 = zimage_pipe._encode_images([image], width, height, 1, 1, torch.Generator().manual_seed(1))
+    assert torch.equal(latents[keep.expand_as(latents)], x0[keep.expand_as(x0)])
+    assert max_diff(latents, clean) > 1e-2
+    with pytest.raises(ZImageKitError, match="the mask is 48x64 but the init image is 96x64"):
+        zimage_pipe("a cat", init_image=image, mask_image=mask.resize((48, 64)), progress=False)
+    with pytest.raises(ZImageKitError, match="mask_image needs init_image"):
+        zimage_pipe("a cat", mask_image=mask, progress=False)
+
+
 def test_caller_latents_equal_reference(zimage_pipe, reference_pipe):
     latents = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(11))
     kwargs = dict(prompt="a photo of a cat", guidance_scale=0.0, **SMALL)

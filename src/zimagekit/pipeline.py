@@ -41,6 +41,7 @@ from .sampling import (
     cpu_randn,
     get_sigmas,
     img2img_start,
+    keep_unmasked,
     sample_euler,
     time_from_sigma,
 )
@@ -439,8 +440,10 @@ class ZImagePipeline:
         prompt_embeds: Sequence[torch.Tensor] | None = None,
         negative_prompt_embeds: Sequence[torch.Tensor] | None = None,
         init_image=None,
-        strength: float = 0.6,
+        mask_image=None,
+        strength: float | None = None,
         max_sequence_length: int = 512,
+        image=None,
         output_type: str = "pil",
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -466,7 +469,12 @@ class ZImagePipeline:
                 img2img too (diffusers' img2img instead takes already-noised latents).
             init_image: a PIL image (or one per prompt) turns this into img2img; the image is
                 encoded, noised to the σ where ``strength`` says to start (diffusers'
-                semantics: N·strength of the N steps run), then denoised.
+                semantics: N·strength of the N steps run; default 0.6), then denoised.
+                ``image`` is the same argument under diffusers' name.
+            mask_image: with an init image, inpainting as diffusers' ``ZImageInpaintPipeline``
+                does it: a PIL image of the init image's size (or one per prompt), grey levels ≥
+                0.5 (white) regenerated and the rest kept; after every step the kept region is
+                reset to the init image noised to that step's σ. ``strength`` defaults to 1.0.
             output_type: "pil" (list of images), "pt" (``(B, 3, H, W)`` in [0, 1]) or "latent"
                 (the final latents, before the VAE's scaling and shift).
             callback: called after every step with the sampler's dict (see
@@ -484,13 +492,20 @@ class ZImagePipeline:
             prompts = None
             prompt_embeds = list(prompt_embeds)
         num_prompts = len(prompts) if prompts is not None else len(prompt_embeds)
-        images = _as_image_list(init_image, num_prompts) if init_image is not None else None
+        if image is not None:
+            if init_image is not None:
+                raise ZImageKitError("pass init_image or image (the same argument under diffusers' name), not both")
+            init_image = image
+        images = _as_image_list(init_image, num_prompts, "init_image") if init_image is not None else None
+        masks = _as_image_list(mask_image, num_prompts, "mask_image") if mask_image is not None else None
         request = GenerationRequest(
             num_prompts=num_prompts, width=width, height=height, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, cfg_normalization=float(cfg_normalization), cfg_truncation=cfg_truncation,
             num_images_per_prompt=num_images_per_prompt, seed=seed, img2img=images is not None,
-            strength=strength if images is not None else None, max_sequence_length=max_sequence_length,
+            inpaint=masks is not None, strength=strength, max_sequence_length=max_sequence_length,
         ).validate().resolved(self.defaults, self.image_multiple, images[0].size if images else None)
+        if masks is not None:
+            _check_masks(masks, images)
         do_cfg = request.guidance_scale > 0
 
         negatives = None
@@ -525,22 +540,30 @@ class ZImagePipeline:
         generators = _generators(generator, seed, batch)
         if latents is not None and tuple(latents.shape) != shape:
             raise ZImageKitError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        after_step = None
         if images is None:
             noise = latents if latents is not None else cpu_randn(shape, generators)
             x = noise.to(self.device, torch.float32)
         else:
             x0 = self._encode_images(images, width, height, batch, num_images_per_prompt, generators)
-            noise = latents if latents is not None else cpu_randn(shape, generators)
-            x = add_noise(x0, noise.to(self.device, torch.float32), sigmas[0])
+            noise = (latents if latents is not None else cpu_randn(shape, generators)).to(self.device, torch.float32)
+            x = add_noise(x0, noise, sigmas[0])
+            if masks is not None:
+                mask = _latent_masks(masks, width, height, shape, num_images_per_prompt).to(self.device)
+
+                def after_step(x_next, sigma_next):
+                    return keep_unmasked(x_next, x0, noise, mask, sigma_next)
 
         caps = [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)]
         neg_caps = [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)] if do_cfg else None
-        x = self._denoise(x, sigmas, caps, neg_caps, request, generators, callback=callback, progress=progress)
+        x = self._denoise(x, sigmas, caps, neg_caps, request, generators, callback=callback, progress=progress,
+                          after_step=after_step)
         if output_type == "latent":
             return x
         return self.decode(x, output_type)
 
-    def _denoise(self, x, sigmas, caps, neg_caps, request: GenerationRequest, generators, *, callback, progress):
+    def _denoise(self, x, sigmas, caps, neg_caps, request: GenerationRequest, generators, *, callback, progress,
+                 after_step=None):
         """Run the Euler sampler with the S3-DiT and Z-Image CFG; everything that depends only
         on the schedule (model times, guidance per step, caption batches) is built once here."""
         from tqdm.auto import tqdm
@@ -574,7 +597,7 @@ class ZImagePipeline:
                 def fresh_noise(i: int) -> torch.Tensor:
                     return cpu_randn(tuple(x.shape), generators, self.device)
 
-            return sample_euler(velocity, x, sigmas, on_step, fresh_noise)
+            return sample_euler(velocity, x, sigmas, on_step, fresh_noise, after_step)
 
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Latents → images in [0, 1] (``"pt"``) or PIL; one image at a time to bound VAE memory."""
@@ -651,15 +674,42 @@ def _negative_list(negative_prompt, num_prompts: int) -> list[str]:
     return negatives
 
 
-def _as_image_list(init_image, num_prompts: int) -> list:
+def _as_image_list(images, num_prompts: int, name: str) -> list:
     from PIL import Image
 
-    images = [init_image] if isinstance(init_image, Image.Image) else list(init_image)
+    images = [images] if isinstance(images, Image.Image) else list(images)
     if not all(isinstance(i, Image.Image) for i in images):
-        raise ZImageKitError("init_image must be a PIL image or a list of PIL images")
+        raise ZImageKitError(f"{name} must be a PIL image or a list of PIL images")
     if len(images) not in (1, num_prompts):
-        raise ZImageKitError(f"{len(images)} init images for {num_prompts} prompts; pass one, or one per prompt")
+        raise ZImageKitError(f"{len(images)} {name}s for {num_prompts} prompts; pass one, or one per prompt")
     return images
+
+
+def _check_masks(masks: list, images: list) -> None:
+    """A mask must cover its image: a mask of another size is most likely the wrong file."""
+    for k, mask in enumerate(masks):
+        image = images[min(k, len(images) - 1)]
+        if mask.size != image.size:
+            raise ZImageKitError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is "
+                                 f"{image.size[0]}x{image.size[1]}; give a mask of the image's size")
+
+
+def _latent_masks(masks: list, width: int, height: int, shape: tuple, per_prompt: int) -> torch.Tensor:
+    """(B, 1, h, w) float32 masks at the latent size, one row per output image, as diffusers
+    makes them: greyscale, LANCZOS to the output size, [0, 1], binarised at 0.5, then nearest-
+    neighbour down to the latent grid."""
+    from PIL import Image
+
+    rows = []
+    for mask in masks:
+        grey = mask.convert("L")
+        if grey.size != (width, height):
+            grey = grey.resize((width, height), resample=Image.LANCZOS)
+        m = torch.from_numpy(np.array(grey).astype(np.float32) / 255.0)
+        rows.append((m >= 0.5).float()[None, None])
+    m = torch.nn.functional.interpolate(torch.cat(rows), size=shape[2:], mode="nearest")
+    owner = [min(b // per_prompt, len(masks) - 1) for b in range(shape[0])]
+    return m[owner]
 
 
 def _generators(generator, seed: int | None, batch: int):

@@ -39,6 +39,7 @@ class GenerationInfo:
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
     strength: float | None = None  # img2img only
+    mask: str | None = None  # inpainting: the mask file's name
     sampler: str = "Euler"
     loras: tuple[str, ...] = ()  # "name:scale" of each LoRA merged into the transformer
 
@@ -72,6 +73,8 @@ def infotext(info: GenerationInfo) -> str:
         fields["CFG truncation"] = _number(info.cfg_truncation)
     if info.strength is not None:
         fields["Denoising strength"] = _number(info.strength)
+    if info.mask is not None:
+        fields["Mask"] = info.mask
     if info.loras:
         fields["LoRA"] = " ".join(info.loras)
     fields["Version"] = f"zimagekit {__version__}"

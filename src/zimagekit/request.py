@@ -23,7 +23,7 @@ PIPELINE_LABELS = {
     "width": "width", "height": "height", "num_inference_steps": "steps", "guidance_scale": "guidance scale",
     "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation",
     "num_images_per_prompt": "num_images_per_prompt", "seed": "seed", "strength": "strength",
-    "max_sequence_length": "max_sequence_length", "init_image": "init_image",
+    "max_sequence_length": "max_sequence_length", "init_image": "init_image", "mask_image": "mask_image",
 }
 
 
@@ -53,7 +53,8 @@ class GenerationRequest:
     num_images_per_prompt: int = 1
     seed: int | None = None  # image k uses seed + k
     img2img: bool = False
-    strength: float | None = None  # img2img only; None: 0.6
+    inpaint: bool = False  # a mask with the init image
+    strength: float | None = None  # img2img only; None: 0.6, or 1.0 for inpainting (diffusers' defaults)
     max_sequence_length: int = 512
 
     @property
@@ -89,6 +90,8 @@ class GenerationRequest:
         if self.seed is not None and self.seed > MAX_SEED - (self.num_images - 1):
             fail("seed", f"{self.seed} is too large: the {self.num_images} image(s) use seeds seed .. seed + "
                          f"{self.num_images - 1}, and a seed is at most 2^64 - 1")
+        if self.inpaint and not self.img2img:
+            fail("mask_image", f"needs {labels['init_image']} (the image to inpaint)")
         if self.strength is not None:
             if not self.img2img:
                 fail("strength", f"needs {labels['init_image']}")
@@ -99,7 +102,7 @@ class GenerationRequest:
     def resolved(self, defaults: dict, multiple: int, init_size: tuple[int, int] | None = None) -> GenerationRequest:
         """Every ``None`` filled: steps and guidance from ``defaults`` (a folder's recorded
         defaults), the size from the init image (``init_size``, rounded down to ``multiple``)
-        or ``defaults``, strength 0.6; the size checked against ``multiple``."""
+        or ``defaults``, strength 0.6 (1.0 to inpaint); the size checked against ``multiple``."""
         width = self.width or (init_size[0] // multiple * multiple if init_size else defaults["width"])
         height = self.height or (init_size[1] // multiple * multiple if init_size else defaults["height"])
         check_image_size(width, height, multiple)
@@ -108,7 +111,7 @@ class GenerationRequest:
             num_inference_steps=(defaults["num_inference_steps"] if self.num_inference_steps is None
                                  else self.num_inference_steps),
             guidance_scale=defaults["guidance_scale"] if self.guidance_scale is None else self.guidance_scale,
-            strength=0.6 if self.strength is None else self.strength)
+            strength=(1.0 if self.inpaint else 0.6) if self.strength is None else self.strength)
 
     def image_seeds(self) -> list[int]:
         """The seed of each image, in output order (prompt by prompt)."""

@@ -29,6 +29,7 @@ __all__ = [
     "flux_mu",
     "get_sigmas",
     "img2img_start",
+    "keep_unmasked",
     "noise_from_velocity",
     "gaussian_log_prob",
     "sample_euler",
@@ -64,6 +65,14 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
     Written as ``σ·ε + (1 − σ)·x0`` so img2img start latents match the reference bit for bit.
     """
     return sigma * noise + (1.0 - sigma) * x0
+
+
+def keep_unmasked(x: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, sigma) -> torch.Tensor:
+    """Inpainting's step: where ``mask`` is 0 the latent is replaced by the init image ``x0``
+    noised to the step's σ with the starting noise (so it ends as ``x0`` at σ = 0); where it is
+    1 the sampler's ``x`` stays. Written as diffusers' Z-Image inpaint pipeline writes it, so
+    the latents agree bit for bit."""
+    return (1 - mask) * add_noise(x0, noise, sigma) + mask * x
 
 
 def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -300,6 +309,7 @@ def sample_euler(
     sigmas: torch.Tensor,
     callback: Callable[[dict], None] | None = None,
     fresh_noise: Callable[[int], torch.Tensor] | None = None,
+    after_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Euler sampler over ``sigmas`` (k-diffusion style, one NFE per step).
 
@@ -313,6 +323,9 @@ def sample_euler(
     the few-step sampling DMD students are trained with (DMD2's backward simulation) and
     diffusers' ``stochastic_sampling``; it draws noise at every step, the last included, as
     diffusers does, so seeded runs agree.
+
+    ``after_step(x_next, sigma_next)`` may replace each step's result (inpainting's
+    :func:`keep_unmasked`).
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -321,6 +334,8 @@ def sample_euler(
             x_next = euler_step(x, v, sigma, sigma_next)
         else:
             x_next = add_noise(x0_from_velocity(x, v, sigma), fresh_noise(i), sigma_next)
+        if after_step is not None:
+            x_next = after_step(x_next, sigma_next)
         if callback is not None:
             callback(
                 {

@@ -118,11 +118,15 @@ def add_generate(commands) -> None:
         help="no guidance once t = 1 - sigma exceeds T (default: 1 = never)",
     )
     g.add_argument("-i", "--init-image", type=Path, metavar="FILE", help="start from this image (img2img)")
+    g.add_argument("--mask", type=Path, metavar="FILE",
+                   help="inpaint: regenerate the init image where this mask (same size as the image) is white, "
+                   "keep it where black; needs --init-image")
     g.add_argument(
         "--strength",
         type=float,
         metavar="S",
-        help="img2img: how much to change the init image, in (0, 1]; about S x steps run (default: 0.6)",
+        help="img2img/inpaint: how much to change the init image, in (0, 1]; about S x steps run "
+        "(default: 0.6; 1.0 with --mask)",
     )
 
     g = p.add_argument_group("model and hardware")
@@ -241,7 +245,7 @@ FLAGS = {
     "width": "--width", "height": "--height", "num_inference_steps": "--steps", "guidance_scale": "--cfg-scale",
     "cfg_normalization": "--cfg-normalization", "cfg_truncation": "--cfg-truncation",
     "num_images_per_prompt": "--num-images", "seed": "--seed", "strength": "--strength",
-    "max_sequence_length": "--max-sequence-length", "init_image": "--init-image",
+    "max_sequence_length": "--max-sequence-length", "init_image": "--init-image", "mask_image": "--mask",
 }
 
 
@@ -252,7 +256,7 @@ def _request(args, num_prompts: int, seed: int):
         num_prompts=num_prompts, width=args.width, height=args.height, num_inference_steps=args.steps,
         guidance_scale=args.cfg_scale, cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
         num_images_per_prompt=args.num_images, seed=seed, img2img=args.init_image is not None,
-        strength=args.strength, max_sequence_length=args.max_sequence_length,
+        inpaint=args.mask is not None, strength=args.strength, max_sequence_length=args.max_sequence_length,
     ).validate(FLAGS)
 
 
@@ -276,14 +280,14 @@ def _check_prompt_lengths(folder, prompts: list[str], max_sequence_length: int) 
                              + (f" ({len(too_long)} prompts are too long)" if len(too_long) > 1 else ""))
 
 
-def _open_init_image(path: Path):
+def _open_image(path: Path, what: str):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
-        raise ZImageKitError(f"cannot read init image {path}: {e}") from e
+        raise ZImageKitError(f"cannot read {what} {path}: {e}") from e
 
 
 def _save_image(image, path: Path, metadata) -> None:
@@ -312,7 +316,11 @@ def _generate(args) -> int:
         )
     loras = [_lora_spec(spec) for spec in args.lora]
     paths = _output_paths(args.output, request.num_images)
-    init_image = _open_init_image(args.init_image) if args.init_image is not None else None
+    init_image = _open_image(args.init_image, "init image") if args.init_image is not None else None
+    mask = _open_image(args.mask, "mask") if args.mask is not None else None
+    if mask is not None and mask.size != init_image.size:
+        raise ZImageKitError(f"the mask {args.mask} is {mask.size[0]}x{mask.size[1]} but the init image is "
+                             f"{init_image.size[0]}x{init_image.size[1]}; give a mask of the image's size")
 
     import torch
 
@@ -365,7 +373,8 @@ def _generate(args) -> int:
                 cfg_truncation=request.cfg_truncation,
                 generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in chunk],
                 init_image=init_image,
-                strength=request.strength,
+                mask_image=mask,
+                strength=request.strength if init_image is not None else None,
                 max_sequence_length=request.max_sequence_length,
                 progress=not args.no_progress,
             )
@@ -382,6 +391,7 @@ def _generate(args) -> int:
                     cfg_normalization=request.cfg_normalization,
                     cfg_truncation=request.cfg_truncation,
                     strength=request.strength if init_image is not None else None,
+                    mask=args.mask.name if mask is not None else None,
                     loras=tuple(f"{path.stem}:{scale:g}" for path, scale in loras),
                 )
                 _save_image(image, paths[k], None if args.no_metadata else png_info(info))
