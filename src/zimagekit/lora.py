@@ -30,6 +30,7 @@ from torch import nn
 from .errors import ZImageKitError
 from .fileio import atomic_write
 from .lora_formats import to_diffusers_lora
+from .quantized import QuantizedLinear
 from .weights import read_safetensors
 
 # A block's projections whose Hugging Face name differs from the model's layer: name ->
@@ -133,7 +134,7 @@ class LoRA(nn.Module):
             layer = self._model[0].get_submodule(path)
         except AttributeError:
             raise ZImageKitError(f"{source}: the model has no {name}; this LoRA is for another model") from None
-        if not isinstance(layer, nn.Linear):
+        if not isinstance(layer, (nn.Linear, QuantizedLinear)):
             raise ZImageKitError(f"{source}: {name} is not a linear layer of this model, so a LoRA cannot adapt it")
         return layer, part, parts, path
 
@@ -173,9 +174,18 @@ class LoRA(nn.Module):
             h.remove()
         self._hooks.clear()
 
+    @property
+    def mergeable(self) -> bool:
+        """False when an adapted layer is quantized: its weight cannot take the update, so the
+        adapters stay as hooks (exact, at the cost of their small matmuls)."""
+        return not any(isinstance(layer, QuantizedLinear) for layer, _, _ in self._by_layer().values())
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold every adapter into its base weight (no inference overhead)."""
+        if not self.mergeable:
+            raise ZImageKitError("this LoRA adapts quantized layers, which cannot hold a merged update; "
+                                 "leave it unmerged (its hooks apply it exactly)")
         if not self.merged:
             self._apply_delta(+1)
             self.merged = True

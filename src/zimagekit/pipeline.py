@@ -331,6 +331,8 @@ class ZImagePipeline:
         device: torch.device | str | None = None,
         offload: bool = False,
         load_text_encoder: bool = True,
+        transformer: str | Path | None = None,
+        quantize: str | None = None,
     ) -> ZImagePipeline:
         """Load a Z-Image folder.  ``dtype`` (default fp32; use bf16 for the real model) applies to
         the transformer and text encoder; the VAE stays fp32 when its config asks
@@ -340,7 +342,15 @@ class ZImagePipeline:
         ``load_text_encoder=False`` skips the Qwen3 weights, for callers that encoded their
         prompts first with :func:`load_text_encoder` and freed it, so the text encoder and the
         transformer are never in memory together.
+
+        ``transformer`` replaces the folder's ``transformer/``: another folder, a single
+        safetensors file (diffusers or ComfyUI names) or a GGUF file, which stays quantized
+        (:mod:`zimagekit.quantized`); a single file is read with the folder's
+        ``transformer/config.json``. ``quantize="fp8"`` stores the transformer blocks' linear
+        weights as fp8 e4m3 with per-row scales (half of bf16's memory).
         """
+        if quantize not in (None, "fp8"):
+            raise ZImageKitError(f"quantize={quantize!r} is not supported; use 'fp8' (or a GGUF file as transformer)")
         model = ModelFolder.open(folder)
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
@@ -348,7 +358,16 @@ class ZImagePipeline:
         schedule, raw_schedule = read_schedule_config(model.component("scheduler") / "scheduler_config.json")
 
         with _loading(model, "transformer"):
-            transformer = S3DiT.from_pretrained(model.component("transformer"), dtype=dtype, device=home)
+            config = None
+            own = model.component("transformer") / "config.json"
+            if transformer is not None and Path(transformer).is_file() and own.is_file():
+                config = S3DiT.config_class.from_json(own)  # a single file carries no config: the folder's
+            transformer = S3DiT.from_pretrained(transformer or model.component("transformer"), dtype=dtype, device=home,
+                                                config=config)
+        if quantize == "fp8":
+            from .quantized import quantize_fp8
+
+            quantize_fp8(transformer)
         transformer.requires_grad_(False).eval()
         vae_dtype = torch.float32 if model.vae_force_upcast else dtype
         with _loading(model, "vae"):

@@ -1,7 +1,14 @@
-"""``zimagekit plan``: per-GPU training memory for an S3-DiT, before renting the GPUs.
+"""``zimagekit plan``: per-GPU training memory for an S3-DiT, before renting the GPUs, and the
+transformer's resident weights for inference in each stored format.
 
     zimagekit plan --preset z-image-turbo --gpus 8 --strategy fsdp --batch 1 --size 1024
     zimagekit plan --preset z-image-turbo --gpus 1 --lora 64 --checkpointing
+    zimagekit plan --preset z-image-turbo --weights Q4_K
+
+Inference weights in a format: the blocks' linear weights (99.8 % of the 6.15B) at the
+format's bytes per weight (:data:`zimagekit.quantized.BYTES_PER_WEIGHT`: bf16 2, fp8 1,
+Q8_0 34/32, Q6_K 210/256, Q5_K 176/256, Q4_K 144/256, Q4_0 18/32), everything else (embedders,
+final layer, norms, biases) in bf16, as GGUF files and ``--fp8`` keep them.
 
 The arithmetic, per GPU, with P parameters, Pb parameters per block, N GPUs (AdamW keeps
 two fp32 moments; weights are fp32 masters and compute runs under bf16 autocast):
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ZImageKitError
+from .quantized import BYTES_PER_WEIGHT
 from .s3dit import S3DiT, S3DiTConfig, TransformerBlock, padded_length
 
 # Bytes saved for backward per token per block, per unit of model width (measured; see module doc).
@@ -82,3 +90,16 @@ def training_memory(cfg: S3DiTConfig, gpus: int = 1, strategy: str = "ddp", batc
     else:
         acts = batch * per_token * sum(block_tokens) + weight_copies * len(block_tokens)
     return Plan(params, grads, optim, acts)
+
+
+def weight_bytes(cfg: S3DiTConfig, fmt: str = "bf16") -> float:
+    """Resident bytes of the transformer's weights for inference with its blocks' linear
+    weights stored in ``fmt`` (see the module docstring)."""
+    if fmt not in BYTES_PER_WEIGHT:
+        raise ZImageKitError(f"unknown weight format {fmt!r}; use one of {', '.join(BYTES_PER_WEIGHT)}")
+    with torch.device("meta"):
+        model = S3DiT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name.startswith(("layers.", "noise_refiner.", "context_refiner.")))
+    return linear * BYTES_PER_WEIGHT[fmt] + (total - linear) * 2

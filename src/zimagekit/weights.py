@@ -33,32 +33,32 @@ DIFFUSERS_CLASS = "ZImageTransformer2DModel"
 # ----------------------------------------------------------------------------------------
 
 # internal suffix -> Hugging Face suffixes it is the dim-0 concatenation of
-_FUSED = {
+FUSED = {
     "attention.qkv.weight": ("attention.to_q.weight", "attention.to_k.weight", "attention.to_v.weight"),
     "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
 }
-_RENAMED = {"attention.to_out.weight": "attention.to_out.0.weight"}
+RENAMED = {"attention.to_out.weight": "attention.to_out.0.weight"}
 
 
 def _to_hf(module, state_dict, prefix, local_metadata):
     """state_dict post-hook of a TransformerBlock: present fused tensors under HF names."""
-    for internal, parts in _FUSED.items():
+    for internal, parts in FUSED.items():
         key = prefix + internal
         if key in state_dict:
             for name, chunk in zip(parts, state_dict.pop(key).chunk(len(parts), dim=0)):
                 state_dict[prefix + name] = chunk
-    for internal, hf in _RENAMED.items():
+    for internal, hf in RENAMED.items():
         if prefix + internal in state_dict:
             state_dict[prefix + hf] = state_dict.pop(prefix + internal)
 
 
 def _from_hf(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """load_state_dict pre-hook of a TransformerBlock: join HF tensors into fused ones."""
-    for internal, parts in _FUSED.items():
+    for internal, parts in FUSED.items():
         keys = [prefix + p for p in parts]
         if all(k in state_dict for k in keys):
             state_dict[prefix + internal] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
-    for internal, hf in _RENAMED.items():
+    for internal, hf in RENAMED.items():
         if prefix + hf in state_dict:
             state_dict[prefix + internal] = state_dict.pop(prefix + hf)
 
@@ -191,6 +191,10 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_pretrained(cls, path, dtype=None, device=None, config=None):
     """See :meth:`S3DiT.from_pretrained`; ``cls`` is the model class, ``cls.config_class`` its config."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        from .quantized import load_gguf
+
+        return load_gguf(cls, path, dtype=dtype, device=device, config=config)
     if path.is_dir():
         if not (path / CONFIG_NAME).exists():
             hint = " (this looks like a pipeline folder: pass its transformer/ subfolder)" if (path / "transformer").is_dir() else ""

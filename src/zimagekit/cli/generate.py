@@ -137,6 +137,12 @@ def add_generate(commands) -> None:
         help="Z-Image folder in the Hugging Face layout: model_index.json, transformer/, text_encoder/, tokenizer/, "
         "vae/, scheduler/ (default: $ZIMAGEKIT_MODEL, else the shapes-world model shipped with zimagekit)",
     )
+    g.add_argument("--transformer", type=Path, metavar="PATH",
+                   help="use this transformer instead of the model folder's: a folder, a .safetensors single file "
+                   "(diffusers or ComfyUI names) or a .gguf file (Q8_0, Q6_K, Q5_K, Q4_K, Q4_0; kept quantized)")
+    g.add_argument("--fp8", action="store_true",
+                   help="store the transformer blocks' weights as fp8 e4m3 with per-row scales (half of bf16's "
+                   "memory; dequantized per layer at each step)")
     g.add_argument(
         "--dtype",
         default="bf16",
@@ -344,18 +350,22 @@ def _generate(args) -> int:
     embeds = encoder.encode(prompts, request.max_sequence_length)
     negative = encoder.encode([args.negative_prompt], request.max_sequence_length)[0] if use_cfg else None
     del encoder
-    pipe = ZImagePipeline.from_pretrained(folder.root, dtype, device, offload=args.offload, load_text_encoder=False)
+    pipe = ZImagePipeline.from_pretrained(folder.root, dtype, device, offload=args.offload, load_text_encoder=False,
+                                          transformer=args.transformer, quantize="fp8" if args.fp8 else None)
     if loras:
         from ..lora import LoRA
 
         for path, scale in loras:
-            LoRA.load(pipe.transformer, path, scale).merge()
+            lora = LoRA.load(pipe.transformer, path, scale)
+            if lora.mergeable:  # quantized layers keep the adapters as hooks
+                lora.merge()
 
     # One entry per image, prompt by prompt; image k has seed + k whatever the batching, so a
     # batch size never changes an image.
     per_image = [(prompt, embed) for prompt, embed in zip(prompts, embeds) for _ in range(request.num_images_per_prompt)]
     seeds = request.image_seeds()
-    model_name = folder.root.resolve().name
+    model_name = folder.root.resolve().name + (f" + {args.transformer.name}" if args.transformer else "") + (
+        " (fp8)" if args.fp8 else "")
     k = 0  # images written so far, in the order of paths
     try:
         for start in range(0, len(per_image), args.batch_size):

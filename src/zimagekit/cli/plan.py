@@ -7,7 +7,8 @@ import sys
 
 from .. import plan as plan_module
 from ..errors import exit_code
-from ..plan import GiB, training_memory
+from ..plan import GiB, training_memory, weight_bytes
+from ..quantized import BYTES_PER_WEIGHT
 from ..s3dit import PRESETS, S3DiTConfig
 
 
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype of the compute")
     parser.add_argument("--checkpointing", action="store_true", help="per-block gradient checkpointing")
     parser.add_argument("--lora", type=int, metavar="RANK", help="LoRA of this rank instead of full fine-tuning")
+    parser.add_argument("--weights", choices=list(BYTES_PER_WEIGHT), metavar="FORMAT",
+                        help="also print the transformer's resident weights for inference in this format: "
+                        + ", ".join(BYTES_PER_WEIGHT) + " (GGUF types and --fp8)")
     args = parser.parse_args(argv)
     def run():
         cfg = S3DiTConfig.preset(args.preset)
@@ -35,6 +39,9 @@ def main(argv=None) -> int:
               f"{', gradient checkpointing' if args.checkpointing else ''}: per GPU")
         for name in ("parameters", "gradients", "optimizer", "activations", "total"):
             print(f"  {name:<12}{getattr(plan, name) / GiB:>9.2f} GiB")
+        if args.weights:
+            print(f"inference: transformer weights in {args.weights}: {weight_bytes(cfg, args.weights) / GiB:.2f} GiB "
+                  f"(bf16: {weight_bytes(cfg) / GiB:.2f} GiB)")
 
     return exit_code(run)
 
