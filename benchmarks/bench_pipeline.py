@@ -10,8 +10,9 @@ Qwen3 tokenizer and small components: Qwen3 hidden 1024 / 4 layers in Qwen3-4B's
       prompt (CFG): the reference pads each to 512 and runs every layer and the norm, once per
       prompt list; ours runs the real lengths, one layer less, prompt and negative in one batch;
   (2) whole generation, 256x256, 8 steps: guidance 0 (Turbo) and guidance 3 with a negative
-      prompt; both pipelines get the same seed, and the max abs difference of the images is
-      printed next to the times;
+      prompt, and inpainting (a rectangle mask, strength 1, against ZImageInpaintPipeline);
+      both pipelines get the same seed, and the max abs difference of the images is printed
+      next to the times;
   (3) peak memory, each case in a fresh process: resident-set growth over the post-import
       baseline (Linux VmHWM after resetting it) for text encoding alone and for a whole
       generation as each library is normally used (ours: encode, free the text encoder, then
@@ -69,7 +70,7 @@ def load_both(folder: Path, dtype: torch.dtype):
 
 def speed(folder: Path, dtype: torch.dtype, repeats: int) -> list[tuple[str, float, float, str]]:
     ours, ref = load_both(folder, dtype)
-    n_tokens = len(ours.text_encoder.tokenizer(PROMPT).input_ids)
+    n_tokens = len(ours.text_encoder.tokenizer([PROMPT])[0])
     assert n_tokens == 30, n_tokens
     rows = []
 
@@ -112,6 +113,27 @@ def speed(folder: Path, dtype: torch.dtype, repeats: int) -> list[tuple[str, flo
 
         t_ours, t_ref = alternate(run_ours, run_ref, max(3, repeats // 2))
         rows.append((label, t_ours, t_ref, f"{(run_ours() - run_ref()).abs().max().item():.1e}"))
+
+    # Inpainting: diffusers' ZImageInpaintPipeline on the same components.
+    import numpy as np
+    from diffusers import ZImageInpaintPipeline
+    from PIL import Image
+
+    inpaint = ZImageInpaintPipeline(**ref.components)
+    inpaint.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.RandomState(0).rand(SIZE, SIZE, 3) * 255).astype(np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[SIZE // 4 : 3 * SIZE // 4, SIZE // 4 :] = 255
+    common = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=0.0, strength=1.0, output_type="pt")
+    run_ours = functools.partial(ours, image=image, mask_image=Image.fromarray(mask), **common, seed=0, progress=False)
+
+    def run_inpaint():
+        return inpaint(image=image, mask_image=Image.fromarray(mask), **common,
+                       generator=torch.Generator().manual_seed(0)).images
+
+    t_ours, t_ref = alternate(run_ours, run_inpaint, max(3, repeats // 2))
+    rows.append((f"inpaint {SIZE}x{SIZE}, {STEPS} steps, strength 1", t_ours, t_ref,
+                 f"{(run_ours() - run_inpaint()).abs().max().item():.1e}"))
     return rows
 
 

@@ -675,7 +675,12 @@ class S3DiT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, config: S3DiTConfig | None = None):
         """Load a diffusers ``transformer/`` folder (config.json + safetensors, sharded or
-        not) or a ComfyUI single file (fused qkv, original names)."""
+        not), a ComfyUI single file (fused qkv, original names), or a GGUF file whose
+        quantized weights stay quantized (:mod:`zimagekit.quantized`)."""
+        if str(path).endswith(".gguf"):
+            from .quantized import load_gguf
+
+            return load_gguf(cls, Path(path), dtype=dtype, device=device, config=config)
         return weights.load_pretrained(cls, path, dtype=dtype, device=device, config=config)
 
     def save_pretrained(self, folder, max_shard_size: int = 10 * 2**30):

@@ -191,10 +191,6 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_pretrained(cls, path, dtype=None, device=None, config=None):
     """See :meth:`S3DiT.from_pretrained`; ``cls`` is the model class, ``cls.config_class`` its config."""
     path = Path(path)
-    if path.suffix == ".gguf":
-        from .quantized import load_gguf
-
-        return load_gguf(cls, path, dtype=dtype, device=device, config=config)
     if path.is_dir():
         if not (path / CONFIG_NAME).exists():
             hint = " (this looks like a pipeline folder: pass its transformer/ subfolder)" if (path / "transformer").is_dir() else ""
