@@ -2,14 +2,14 @@
 for the same S3-DiT stored as bf16 safetensors, GGUF Q8_0 and Q4_0 files (written by the gguf
 package's own quantizers) and fp8; ours against diffusers' GGUF loading of the same files.
 
-    python benchmarks/bench_quantized.py [--threads 2] [--repeats 5] [--dim 1024 --layers 8]
+    python benchmarks/bench_quantized.py [--threads 2] [--repeats 5] [--dim 1536 --layers 6]
 
 Each case runs in a fresh process: peak resident-set growth over the post-import baseline
 (Linux VmHWM after resetting it) while loading the transformer and running one forward (batch
 1, 32x32 latent = 256 image tokens, a 64-token caption, compute in ``--dtype``: fp32 by
 default, as bf16 matmuls crawl on AVX2-only CPUs; the dense case holds its weights in that
 dtype), then the median forward time over ``--repeats``. ``stored MiB`` is the bytes the loaded model holds. The model is a
-random S3-DiT of the released layout at a smaller width and depth (default d1024, 8 layers,
+random S3-DiT of the released layout at a smaller width and depth (default d1536, 6 layers,
 2+2 refiners: 0.3B parameters), so the weights dominate the memory as they do for the 6B.
 """
 
@@ -53,7 +53,8 @@ def write_files(folder: Path, dim: int, layers: int) -> None:
         writer = GGUFWriter(str(folder / f"{kind}.gguf"), "zimage")
         for key, value in state.items():
             a = value.float().numpy()
-            if key.startswith(("layers.", "noise_refiner.", "context_refiner.")) and key.endswith(".weight") and a.ndim == 2:
+            if (key.startswith(("layers.", "noise_refiner.", "context_refiner.")) and key.endswith(".weight")
+                    and a.ndim == 2 and a.shape[1] % 32 == 0):
                 writer.add_tensor(key, quants.quantize(a, getattr(T, kind)), raw_dtype=getattr(T, kind))
             else:
                 writer.add_tensor(key, a.astype(np.float16) if a.ndim == 2 else a)
@@ -113,8 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=1536, help="width, a multiple of 384 so every block row fits "
+                        "32-weight blocks as the released 3840 does (default 1536)")
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (default fp32)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
