@@ -195,7 +195,7 @@ def test_help_explains_every_flag(capsys):
         "-s N, --seed N", "--steps",
         "--cfg-scale", "--guidance-scale", "--num-images", "--prompt-file", "--model", "--dtype", "--device",
         "--init-image", "--mask", "--strength", "--offload", "--no-metadata", "--cfg-normalization",
-        "--cfg-truncation",
+        "--cfg-truncation", "--controlnet", "--control-image", "--control-scale", "--transformer", "--fp8",
     ]:  # fmt: skip
         assert flag in stdout, flag
 

@@ -308,8 +308,10 @@ class ZImagePipeline:
         offload: bool = False,
         scheduler_config: dict | None = None,
         defaults: dict | None = None,
+        controlnet=None,
     ):
         self.transformer = transformer
+        self.controlnet = controlnet  # a zimagekit.controlnet.ZImageControlNet, or None
         self.defaults = {**TURBO_DEFAULTS, **(defaults or {})}
         self.vae = vae
         self.text_encoder = text_encoder
@@ -333,6 +335,7 @@ class ZImagePipeline:
         load_text_encoder: bool = True,
         transformer: str | Path | None = None,
         quantize: str | None = None,
+        controlnet: str | Path | None = None,
     ) -> ZImagePipeline:
         """Load a Z-Image folder.  ``dtype`` (default fp32; use bf16 for the real model) applies to
         the transformer and text encoder; the VAE stays fp32 when its config asks
@@ -348,6 +351,9 @@ class ZImagePipeline:
         (:mod:`zimagekit.quantized`); a single file is read with the folder's
         ``transformer/config.json``. ``quantize="fp8"`` stores the transformer blocks' linear
         weights as fp8 e4m3 with per-row scales (half of bf16's memory).
+
+        ``controlnet``: a Z-Image ControlNet (diffusers folder or released single file, see
+        :mod:`zimagekit.controlnet`) for ``control_image``.
         """
         if quantize not in (None, "fp8"):
             raise ZImageKitError(f"quantize={quantize!r} is not supported; use 'fp8' (or a GGUF file as transformer)")
@@ -373,11 +379,17 @@ class ZImagePipeline:
         with _loading(model, "vae"):
             vae = AutoencoderKL.from_pretrained(model.component("vae"), dtype=vae_dtype, device=home)
         vae.requires_grad_(False)
+        control = None
+        if controlnet is not None:
+            from .controlnet import ZImageControlNet
+
+            control = ZImageControlNet.from_pretrained(controlnet, transformer.config, dtype=dtype, device=home)
+            control.check_transformer(transformer, str(controlnet))
         if load_text_encoder:
             text_encoder = _load_text_encoder(model, dtype, home)
         else:
             text_encoder = Qwen3TextEncoder(None, None, model.component("text_encoder"), model.component("tokenizer"))
-        return cls(transformer, vae, text_encoder, schedule, device, offload, raw_schedule, model.defaults)
+        return cls(transformer, vae, text_encoder, schedule, device, offload, raw_schedule, model.defaults, control)
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write the Hugging Face layout (loadable by this class and by diffusers).
@@ -463,6 +475,8 @@ class ZImagePipeline:
         strength: float | None = None,
         max_sequence_length: int = 512,
         image=None,
+        control_image=None,
+        controlnet_conditioning_scale: float = 0.75,
         output_type: str = "pil",
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -494,6 +508,13 @@ class ZImagePipeline:
                 does it: a PIL image of the init image's size (or one per prompt), grey levels ≥
                 0.5 (white) regenerated and the rest kept; after every step the kept region is
                 reset to the init image noised to that step's σ. ``strength`` defaults to 1.0.
+            control_image: with a ControlNet loaded, a PIL image (or one per prompt) whose VAE
+                latents steer generation, as diffusers' ``ZImageControlNetPipeline``; it is resized to
+                the output size, which defaults to the folder's (not the control image's: diffusers
+                does so too). Its hints are scaled by ``controlnet_conditioning_scale``.
+                With ``mask_image`` and ``init_image`` too, inpainting goes through the ControlNet
+                (its 2.x releases take the mask and masked image as extra channels), from pure
+                noise and with no blending, as ``ZImageControlNetInpaintPipeline`` does.
             output_type: "pil" (list of images), "pt" (``(B, 3, H, W)`` in [0, 1]) or "latent"
                 (the final latents, before the VAE's scaling and shift).
             callback: called after every step with the sampler's dict (see
@@ -517,12 +538,22 @@ class ZImagePipeline:
             init_image = image
         images = _as_image_list(init_image, num_prompts, "init_image") if init_image is not None else None
         masks = _as_image_list(mask_image, num_prompts, "mask_image") if mask_image is not None else None
+        controls = _as_image_list(control_image, num_prompts, "control_image") if control_image is not None else None
+        if controls is not None and self.controlnet is None:
+            raise ZImageKitError("control_image needs a ControlNet: ZImagePipeline.from_pretrained(..., controlnet=PATH)")
+        if not math.isfinite(controlnet_conditioning_scale):
+            raise ZImageKitError(f"controlnet_conditioning_scale must be a finite number, got {controlnet_conditioning_scale}")
+        # With a ControlNet, a mask is a ControlNet input and the image is generated from noise.
+        control_inpaint = controls is not None and masks is not None
+        if control_inpaint and strength is not None:
+            raise ZImageKitError("strength does not apply to ControlNet inpainting, which denoises from pure noise")
         request = GenerationRequest(
             num_prompts=num_prompts, width=width, height=height, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, cfg_normalization=float(cfg_normalization), cfg_truncation=cfg_truncation,
             num_images_per_prompt=num_images_per_prompt, seed=seed, img2img=images is not None,
             inpaint=masks is not None, strength=strength, max_sequence_length=max_sequence_length,
-        ).validate().resolved(self.defaults, self.image_multiple, images[0].size if images else None)
+        ).validate().resolved(self.defaults, self.image_multiple,
+                              images[0].size if images and not controls else None)
         if masks is not None:
             _check_masks(masks, images)
         do_cfg = request.guidance_scale > 0
@@ -560,7 +591,11 @@ class ZImagePipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise ZImageKitError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         after_step = None
-        if images is None:
+        control = None
+        if controls is not None:
+            control = self._control_latents(controls, images if control_inpaint else None, masks if control_inpaint
+                                            else None, width, height, shape, num_images_per_prompt)
+        if images is None or control_inpaint:
             noise = latents if latents is not None else cpu_randn(shape, generators)
             x = noise.to(self.device, torch.float32)
         else:
@@ -576,13 +611,13 @@ class ZImagePipeline:
         caps = [pe for pe in prompt_embeds for _ in range(num_images_per_prompt)]
         neg_caps = [ne for ne in negative_prompt_embeds for _ in range(num_images_per_prompt)] if do_cfg else None
         x = self._denoise(x, sigmas, caps, neg_caps, request, generators, callback=callback, progress=progress,
-                          after_step=after_step)
+                          after_step=after_step, control=control, control_scale=controlnet_conditioning_scale)
         if output_type == "latent":
             return x
         return self.decode(x, output_type)
 
     def _denoise(self, x, sigmas, caps, neg_caps, request: GenerationRequest, generators, *, callback, progress,
-                 after_step=None):
+                 after_step=None, control=None, control_scale=1.0):
         """Run the Euler sampler with the S3-DiT and Z-Image CFG; everything that depends only
         on the schedule (model times, guidance per step, caption batches) is built once here."""
         from tqdm.auto import tqdm
@@ -595,13 +630,22 @@ class ZImagePipeline:
         # The DiT's time input is t = 1 − σ (PAPER eq. 1 convention), one row per batch entry.
         times = time_from_sigma(sigmas[:-1]).to(self.device)
 
+        if control is None:
+            run = model
+        else:
+            from .controlnet import controlled_forward
+
+            def run(latent, t, captions):
+                rows = control if len(latent) == len(control) else torch.cat([control, control])
+                return controlled_forward(model, self.controlnet, latent, t, captions, rows, control_scale)
+
         def velocity(x: torch.Tensor, sigma: torch.Tensor, i: int) -> torch.Tensor:
             latent = x.to(model.dtype).unsqueeze(2)  # (B, C, F=1, H, W)
             if scales is not None and scales[i] > 0:
-                out = model(torch.cat([latent, latent]), times[i].expand(2 * batch), both_caps)
+                out = run(torch.cat([latent, latent]), times[i].expand(2 * batch), both_caps)
                 pos, neg = out.squeeze(2).float().chunk(2)
                 return cfg_combine(pos, neg, scales[i], request.cfg_normalization)
-            return model(latent, times[i].expand(batch), caps).squeeze(2).float()
+            return run(latent, times[i].expand(batch), caps).squeeze(2).float()
 
         with self._on_device(model), tqdm(total=len(sigmas) - 1, disable=not progress, leave=False) as bar:
 
@@ -632,6 +676,48 @@ class ZImagePipeline:
         from PIL import Image
 
         return [Image.fromarray(p) for p in to_uint8(images)]
+
+    @torch.no_grad()
+    def _control_latents(self, controls, images, masks, width, height, shape, per_prompt) -> torch.Tensor:
+        """The ControlNet's input, one row per output image: the control images' VAE posterior
+        means (diffusers' ``sample_mode="argmax"``), scaled, as (B, C, 1, h, w). With ``masks``
+        (ControlNet inpainting) the kept region's flag (1 − mask, at the latent grid) and the
+        latents of the init image with the masked pixels zeroed follow, as diffusers stacks
+        them; otherwise zero channels pad it to the ControlNet's ``control_in_dim``."""
+        from PIL import Image
+
+        def pixels(pil_images):
+            out = []
+            for im in pil_images:
+                im = im.convert("RGB")
+                if im.size != (width, height):
+                    im = im.resize((width, height), resample=Image.LANCZOS)
+                out.append(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1))
+            return to_vae_input(torch.stack(out)).to(self.device, self.vae.dtype)
+
+        def encode(x):
+            with self._on_device(self.vae):
+                return scale_latents(self.vae.encode(x).latent_dist.mean.float(), self.vae.config)
+
+        owner = lambda n: [min(b // per_prompt, n - 1) for b in range(shape[0])]  # noqa: E731
+        latents = encode(pixels(controls))[owner(len(controls))]
+        need = self.controlnet.config.control_in_dim
+        if masks is not None:
+            if need != 2 * shape[1] + 1:
+                raise ZImageKitError(f"this ControlNet takes {need} input channels, not the {2 * shape[1] + 1} of "
+                                     "inpainting (a 2.x Union release has them); leave out mask_image")
+            full = _binary_masks(masks, width, height).to(self.device)
+            n = max(len(images), len(masks))  # one image and one mask, or one of either per prompt
+            pick = lambda items, k: items[min(k, len(items) - 1)]  # noqa: E731
+            masked = encode(torch.cat([pixels([pick(images, k)]) * (pick(full, k) < 0.5).to(self.vae.dtype)
+                                       for k in range(n)]))
+            keep = 1 - torch.nn.functional.interpolate(full, size=shape[2:], mode="nearest")
+            latents = torch.cat([latents, keep[owner(len(masks))], masked[owner(n)]], dim=1)
+        elif need > latents.shape[1]:
+            latents = torch.cat([latents, latents.new_zeros(shape[0], need - latents.shape[1], *shape[2:])], dim=1)
+        elif need < latents.shape[1]:
+            raise ZImageKitError(f"this ControlNet takes {need} input channels, fewer than the VAE's {latents.shape[1]}")
+        return latents.unsqueeze(2)
 
     def _encode_images(self, images, width, height, batch, per_prompt, generators) -> torch.Tensor:
         """Init images → clean latents, one row per output image.
@@ -713,10 +799,9 @@ def _check_masks(masks: list, images: list) -> None:
                                  f"{image.size[0]}x{image.size[1]}; give a mask of the image's size")
 
 
-def _latent_masks(masks: list, width: int, height: int, shape: tuple, per_prompt: int) -> torch.Tensor:
-    """(B, 1, h, w) float32 masks at the latent size, one row per output image, as diffusers
-    makes them: greyscale, LANCZOS to the output size, [0, 1], binarised at 0.5, then nearest-
-    neighbour down to the latent grid."""
+def _binary_masks(masks: list, width: int, height: int) -> torch.Tensor:
+    """(N, 1, H, W) float32 masks as diffusers makes them: greyscale, LANCZOS to the output
+    size, [0, 1], binarised at 0.5."""
     from PIL import Image
 
     rows = []
@@ -726,7 +811,13 @@ def _latent_masks(masks: list, width: int, height: int, shape: tuple, per_prompt
             grey = grey.resize((width, height), resample=Image.LANCZOS)
         m = torch.from_numpy(np.array(grey).astype(np.float32) / 255.0)
         rows.append((m >= 0.5).float()[None, None])
-    m = torch.nn.functional.interpolate(torch.cat(rows), size=shape[2:], mode="nearest")
+    return torch.cat(rows)
+
+
+def _latent_masks(masks: list, width: int, height: int, shape: tuple, per_prompt: int) -> torch.Tensor:
+    """(B, 1, h, w) masks at the latent grid (nearest neighbour from :func:`_binary_masks`),
+    one row per output image."""
+    m = torch.nn.functional.interpolate(_binary_masks(masks, width, height), size=shape[2:], mode="nearest")
     owner = [min(b // per_prompt, len(masks) - 1) for b in range(shape[0])]
     return m[owner]
 

@@ -40,6 +40,8 @@ class GenerationInfo:
     cfg_truncation: float = 1.0
     strength: float | None = None  # img2img only
     mask: str | None = None  # inpainting: the mask file's name
+    controlnet: str | None = None  # "ControlNet name, control image name"
+    control_scale: float | None = None
     sampler: str = "Euler"
     loras: tuple[str, ...] = ()  # "name:scale" of each LoRA merged into the transformer
 
@@ -75,6 +77,9 @@ def infotext(info: GenerationInfo) -> str:
         fields["Denoising strength"] = _number(info.strength)
     if info.mask is not None:
         fields["Mask"] = info.mask
+    if info.controlnet is not None:
+        fields["ControlNet"] = info.controlnet
+        fields["Control scale"] = _number(info.control_scale)
     if info.loras:
         fields["LoRA"] = " ".join(info.loras)
     fields["Version"] = f"zimagekit {__version__}"

@@ -121,6 +121,13 @@ def add_generate(commands) -> None:
     g.add_argument("--mask", type=Path, metavar="FILE",
                    help="inpaint: regenerate the init image where this mask (same size as the image) is white, "
                    "keep it where black; needs --init-image")
+    g.add_argument("--controlnet", type=Path, metavar="PATH",
+                   help="a Z-Image ControlNet (diffusers folder, or a released Fun ControlNet Union .safetensors)")
+    g.add_argument("--control-image", type=Path, metavar="FILE",
+                   help="the image the ControlNet follows (edges, depth, pose, ...); resized to the output size; "
+                   "with -i and --mask, inpainting goes through the ControlNet (2.x releases)")
+    g.add_argument("--control-scale", type=float, default=0.75, metavar="F",
+                   help="how strongly the ControlNet steers, its hints' scale (default: 0.75, as diffusers)")
     g.add_argument(
         "--strength",
         type=float,
@@ -322,6 +329,15 @@ def _generate(args) -> int:
         )
     loras = [_lora_spec(spec) for spec in args.lora]
     paths = _output_paths(args.output, request.num_images)
+    if (args.controlnet is None) != (args.control_image is None):
+        raise ZImageKitError("--control-image needs --controlnet" if args.controlnet is None
+                             else "--controlnet needs --control-image (the image it follows)")
+    if not math.isfinite(args.control_scale):
+        raise ZImageKitError(f"--control-scale must be a finite number, got {args.control_scale}")
+    control_inpaint = args.control_image is not None and args.mask is not None
+    if control_inpaint and args.strength is not None:
+        raise ZImageKitError("--strength does not apply to ControlNet inpainting, which denoises from pure noise")
+    control_image = _open_image(args.control_image, "control image") if args.control_image is not None else None
     init_image = _open_image(args.init_image, "init image") if args.init_image is not None else None
     mask = _open_image(args.mask, "mask") if args.mask is not None else None
     if mask is not None and mask.size != init_image.size:
@@ -335,7 +351,8 @@ def _generate(args) -> int:
 
     dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
     folder = ModelFolder.open(model)
-    request = request.resolved(folder.defaults, folder.image_multiple, init_image.size if init_image else None)
+    request = request.resolved(folder.defaults, folder.image_multiple,
+                               init_image.size if init_image and not control_image else None)
     _check_prompt_lengths(folder, prompts, request.max_sequence_length)
     trained = (folder.defaults["width"], folder.defaults["height"])
     if folder.records_size and (request.width, request.height) != trained:
@@ -351,7 +368,8 @@ def _generate(args) -> int:
     negative = encoder.encode([args.negative_prompt], request.max_sequence_length)[0] if use_cfg else None
     del encoder
     pipe = ZImagePipeline.from_pretrained(folder.root, dtype, device, offload=args.offload, load_text_encoder=False,
-                                          transformer=args.transformer, quantize="fp8" if args.fp8 else None)
+                                          transformer=args.transformer, quantize="fp8" if args.fp8 else None,
+                                          controlnet=args.controlnet)
     if loras:
         from ..lora import LoRA
 
@@ -384,7 +402,9 @@ def _generate(args) -> int:
                 generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in chunk],
                 init_image=init_image,
                 mask_image=mask,
-                strength=request.strength if init_image is not None else None,
+                strength=request.strength if init_image is not None and not control_inpaint else None,
+                control_image=control_image,
+                controlnet_conditioning_scale=args.control_scale,
                 max_sequence_length=request.max_sequence_length,
                 progress=not args.no_progress,
             )
@@ -400,8 +420,10 @@ def _generate(args) -> int:
                     model=model_name,
                     cfg_normalization=request.cfg_normalization,
                     cfg_truncation=request.cfg_truncation,
-                    strength=request.strength if init_image is not None else None,
+                    strength=request.strength if init_image is not None and not control_inpaint else None,
                     mask=args.mask.name if mask is not None else None,
+                    controlnet=f"{args.controlnet.name}, {args.control_image.name}" if control_image else None,
+                    control_scale=args.control_scale if control_image else None,
                     loras=tuple(f"{path.stem}:{scale:g}" for path, scale in loras),
                 )
                 _save_image(image, paths[k], None if args.no_metadata else png_info(info))
