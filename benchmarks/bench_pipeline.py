@@ -10,7 +10,8 @@ Qwen3 tokenizer and small components: Qwen3 hidden 1024 / 4 layers in Qwen3-4B's
       prompt (CFG): the reference pads each to 512 and runs every layer and the norm, once per
       prompt list; ours runs the real lengths, one layer less, prompt and negative in one batch;
   (2) whole generation, 256x256, 8 steps: guidance 0 (Turbo) and guidance 3 with a negative
-      prompt, and inpainting (a rectangle mask, strength 1, against ZImageInpaintPipeline);
+      prompt, inpainting (a rectangle mask, strength 1, against ZImageInpaintPipeline) and a
+      ControlNet (v1 layout, 2 control blocks, random weights, against ZImageControlNetPipeline);
       both pipelines get the same seed, and the max abs difference of the images is printed
       next to the times;
   (3) peak memory, each case in a fresh process: resident-set growth over the post-import
@@ -134,6 +135,36 @@ def speed(folder: Path, dtype: torch.dtype, repeats: int) -> list[tuple[str, flo
     t_ours, t_ref = alternate(run_ours, run_inpaint, max(3, repeats // 2))
     rows.append((f"inpaint {SIZE}x{SIZE}, {STEPS} steps, strength 1", t_ours, t_ref,
                  f"{(run_ours() - run_inpaint()).abs().max().item():.1e}"))
+
+    # ControlNet (v1 layout, a control block after every other layer), random weights.
+    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+
+    from zimagekit.controlnet import ZImageControlNet
+    from zimagekit.pipeline import ZImagePipeline
+
+    torch.manual_seed(0)
+    net = ZImageControlNetModel(
+        control_layers_places=[0, 2], control_in_dim=16, dim=BENCH_TRANSFORMER["dim"],
+        n_refiner_layers=BENCH_TRANSFORMER["n_refiner_layers"], n_heads=BENCH_TRANSFORMER["n_heads"],
+        n_kv_heads=BENCH_TRANSFORMER["n_kv_heads"]).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    net.save_pretrained(folder / "controlnet")
+    controlled = ZImagePipeline(ours.transformer, ours.vae, ours.text_encoder, ours.schedule,
+                                controlnet=ZImageControlNet.from_pretrained(folder / "controlnet", dtype=dtype))
+    reference = ZImageControlNetPipeline(**ref.components, controlnet=net)
+    reference.set_progress_bar_config(disable=True)
+    common = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=0.0, height=SIZE, width=SIZE,
+                  control_image=image, controlnet_conditioning_scale=0.75, output_type="pt")
+    run_ours = functools.partial(controlled, **common, seed=0, progress=False)
+
+    def run_control():
+        return reference(**common, generator=torch.Generator().manual_seed(0)).images
+
+    t_ours, t_ref = alternate(run_ours, run_control, max(3, repeats // 2))
+    rows.append((f"ControlNet {SIZE}x{SIZE}, {STEPS} steps, 2 control blocks", t_ours, t_ref,
+                 f"{(run_ours() - run_control()).abs().max().item():.1e}"))
     return rows
 
 
