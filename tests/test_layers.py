@@ -8,8 +8,8 @@ from pathlib import Path
 import zimagekit
 
 ROOT = Path(zimagekit.__file__).parent
-# Clients of the core: the command line and the shapes world.
-CLIENTS = ("zimagekit.cli", "zimagekit.__main__", "zimagekit.shapes")
+# Clients of the core: the command line, the server and the shapes world.
+CLIENTS = ("zimagekit.cli", "zimagekit.__main__", "zimagekit.shapes", "zimagekit.serve")
 
 
 def module_name(path: Path) -> str:
