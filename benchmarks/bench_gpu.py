@@ -149,7 +149,6 @@ def part_forward(cfg, clock, dtype, side, repeats, peak, do_compile) -> list[dic
         r["vs_diffusers_eager"] = base[r["case"]] / r["ms"]
         if base_c:
             r["vs_diffusers_compiled"] = base_c[r["case"]] / r["ms"]
-    del ref, ours
     return rows
 
 
@@ -198,7 +197,6 @@ def part_generate(cfg, clock, dtype, side, repeats, tiny) -> list[dict]:
     rows = [{"stage": "text encoding, 120 tokens", "s": clock.median(encode, repeats)}]
     rows.append({"stage": f"whole generation, 8 steps, {side}x{side}", "s": clock.median(generate, max(1, repeats // 3),
                                                                                           warmup=1)})
-    del pipe, encoder
     return rows
 
 
@@ -236,7 +234,6 @@ def part_train(cfg, clock, dtype, side, repeats, peak, tiny) -> list[dict]:
         seconds = clock.median(step, repeats)
         flops = 3 * forward_flops(model_cfg, [(hw // 2) ** 2] * batch, [30] * batch)
         rows.append({"setup": name, "samples_per_s": batch / seconds, "mfu": flops / seconds / peak})
-        del model, optimizer
     return rows
 
 

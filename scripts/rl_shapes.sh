@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
@@ -45,6 +45,22 @@ for stage in $STAGES; do
     dpo)      # Diffusion-DPO on the teacher, on-policy pairs (best vs worst of 6 by the judge)
       train_export shapes-dpo configs/shapes/diffusion_dpo.yaml train.steps=40 train.batch_size=2 train.ckpt_every=20
       evaluate diffusion-dpo runs/export/shapes-dpo 50 3 ;;
+    dmdr_refl)  # RL inside DMDR at equal rollouts (16 student samples per update, 80 updates): ReFL
+      # needs a differentiable reward, so the judge's soft surrogate; batch 16 = GRPO's 4 prompts x 4
+      train_export shapes-dmdr-refl configs/shapes/dmdr.yaml dmdr.rl=refl \
+          dmdr.reward=zimagekit.shapes.rewards:SoftColourReward train.batch_size=16
+      evaluate dmdr-refl runs/export/shapes-dmdr-refl 8 0 ;;
+    dmdr_dpo)   # ... and DPO on on-policy pairs (best vs worst of each prompt's 4)
+      train_export shapes-dmdr-dpo configs/shapes/dmdr.yaml dmdr.rl=dpo
+      evaluate dmdr-dpo runs/export/shapes-dmdr-dpo 8 0 ;;
+    seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
+      for name in dmd-control:shapes-dmd-control dmdr-grpo:shapes-dmdr dmdr-refl:shapes-dmdr-refl \
+                  dmdr-dpo:shapes-dmdr-dpo student-shipped:; do
+        folder=runs/export/${name#*:}
+        [ -n "${name#*:}" ] || folder=src/zimagekit/models/shapes-turbo
+        [ -f "$out/${name%%:*}-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$folder" \
+            --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 --out "$out/${name%%:*}-seeds2"
+      done ;;
     hack)     # the control of DMDR Fig. 4: ReFL on the hackable colour-mass reward, without DM
       train_export shapes-hack-rl-only configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.dm_weight=0 dmdr.rl_weight=1 \
           dmdr.reward=zimagekit.shapes.rewards:ColourMassReward train.steps=200

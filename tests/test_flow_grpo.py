@@ -4,7 +4,6 @@ and bad input that stops a run in one line with its last checkpoint intact."""
 
 import copy
 
-import pytest
 import torch
 import yaml
 
