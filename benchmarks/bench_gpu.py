@@ -101,13 +101,14 @@ def twin_models(cfg: S3DiTConfig, device, dtype):
 
 
 def compile_blocks(model) -> None:
-    """Regional compilation: each transformer block compiled (one graph per block type)."""
+    """Regional compilation: each transformer block compiled (one graph per block type). Not
+    ``fullgraph``: a graph break then costs speed, not the whole run."""
     if hasattr(model, "compile_repeated_blocks"):
-        model.compile_repeated_blocks(fullgraph=True)
+        model.compile_repeated_blocks()
         return
     for module in model.modules():
         if type(module).__name__ == "TransformerBlock":
-            module.compile(fullgraph=True)
+            module.compile()
 
 
 def part_forward(cfg, clock, dtype, side, repeats, peak, do_compile) -> list[dict]:
