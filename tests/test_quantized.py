@@ -193,6 +193,8 @@ def test_fp8_weight_only_is_close_and_survives_a_dtype_cast(base):
     assert max_rel_err(mixed_outputs(model, CFG), mixed_outputs(base, CFG)) <= TOLERANCE["fp8"]
     model.to(torch.bfloat16)
     assert layer.data.dtype == torch.float8_e4m3fn and layer.bias is None
+    with pytest.raises(ZImageKitError, match="holds quantized layers"):
+        model.save_pretrained("/nonexistent/never-written")
     assert stored_bytes(model) < 0.6 * stored_bytes(base) / 2  # below half of bf16
 
 

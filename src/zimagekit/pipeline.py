@@ -647,7 +647,9 @@ class ZImagePipeline:
                 return cfg_combine(pos, neg, scales[i], request.cfg_normalization)
             return run(latent, times[i].expand(batch), caps).squeeze(2).float()
 
-        with self._on_device(model), tqdm(total=len(sigmas) - 1, disable=not progress, leave=False) as bar:
+        controlnet = self.controlnet if control is not None else None
+        with self._on_device(model), self._on_device(controlnet), \
+                tqdm(total=len(sigmas) - 1, disable=not progress, leave=False) as bar:
 
             def on_step(info: dict) -> None:
                 bar.update()

@@ -686,6 +686,11 @@ class S3DiT(nn.Module):
     def save_pretrained(self, folder, max_shard_size: int = 10 * 2**30):
         """Write config.json + safetensors (sharded above ``max_shard_size`` bytes) in the
         layout diffusers' ``ZImageTransformer2DModel.from_pretrained`` reads."""
+        from .quantized import QuantizedLinear
+
+        if any(isinstance(m, QuantizedLinear) for m in self.modules()):
+            raise ZImageKitError("this transformer holds quantized layers (GGUF or fp8), which a diffusers folder "
+                                 "cannot store; save the model it was quantized from")
         weights.save_pretrained(self, folder, max_shard_size=max_shard_size)
 
     @property
