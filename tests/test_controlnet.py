@@ -141,6 +141,12 @@ def test_single_files_and_wrong_files(tiny_model_dir, controlnet_folders, tmp_pa
         save_file(state, str(tmp_path / f"{layout}.safetensors"))
         single = ZImageControlNet.from_pretrained(tmp_path / f"{layout}.safetensors", base)
         assert single.config == ZImageControlNet.from_pretrained(folder).config
+    # a 2.0 file without its (unused) refiner stack is still read as 2.0
+    two = reference_controlnet(TINY_TRANSFORMER, "2.0")
+    state = {k: v for k, v in two.state_dict().items() if not k.startswith("control_noise_refiner.")}
+    save_file(state, str(tmp_path / "2.0-bare.safetensors"))
+    assert ZImageControlNet.from_pretrained(tmp_path / "2.0-bare.safetensors", base).config.add_control_noise_refiner \
+        == "control_layers"
     state = load_file(str(controlnet_folders["v1"] / "diffusion_pytorch_model.safetensors"))
     state["control_layers.0.after_proj.weight"] = state["control_layers.0.after_proj.weight"][:, :16].contiguous()
     save_file(state, str(tmp_path / "bad.safetensors"))

@@ -138,3 +138,12 @@ def test_an_unknown_layout_names_its_keys(tmp_path):
                "lora_unet_layers_9_attention_to_q.lora_up.weight": torch.zeros(64, 4)}, str(path))
     with pytest.raises(ZImageKitError, match="the model has no layers.9.attention.to_q; this LoRA is for another model"):
         LoRA.load(model, path)
+
+
+def test_a_non_positive_alpha_is_refused():
+    """(diffusers' alpha split never ends on a negative alpha.)"""
+    sd = {"lora_unet_layers_0_attention_to_q.lora_down.weight": torch.zeros(4, 64),
+          "lora_unet_layers_0_attention_to_q.lora_up.weight": torch.zeros(64, 4),
+          "lora_unet_layers_0_attention_to_q.alpha": torch.tensor(-8.0)}
+    with pytest.raises(ZImageKitError, match="alpha -8.0 and rank 4; both must be positive"):
+        to_diffusers_lora(sd)

@@ -268,3 +268,23 @@ def test_plan_weight_bytes_equal_a_loaded_gguf_models_memory(tmp_path):
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 5 + 5 + 4
     assert stored_bytes(model) == weight_bytes(cfg, "Q8_0")
     assert weight_bytes(cfg, "bf16") == 2 * sum(p.numel() for p in S3DiT(cfg).parameters())
+
+
+def test_bf16_tensors_in_a_gguf_file_load(tmp_path, base):
+    """The reader hands BF16 over as raw bytes (numpy has no bfloat16)."""
+    path = tmp_path / "bf16.gguf"
+    writer = GGUFWriter(str(path), "zimage")
+    state = base.state_dict()
+    for key, value in state.items():
+        a = value.float().numpy()
+        if a.ndim == 2:
+            writer.add_tensor(key, quants.quantize(a, T.BF16), raw_dtype=T.BF16)
+        else:
+            writer.add_tensor(key, a)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = S3DiT.from_pretrained(path, dtype=torch.float32, config=CFG)
+    weight = model.state_dict()["layers.0.attention.to_q.weight"]
+    assert torch.equal(weight, state["layers.0.attention.to_q.weight"].to(torch.bfloat16).float())

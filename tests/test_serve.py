@@ -304,3 +304,50 @@ def test_the_page_in_a_headless_browser(served, tmp_path):
     assert saturation.max() > 100
     assert (np.abs(shown - colour).sum(-1) < 60).sum() > 50
 
+
+
+def test_a_lora_that_fails_to_load_leaves_none_attached(served):
+    url, app, tmp = served
+    from safetensors.torch import save_file
+
+    bad = tmp / "loras" / "other-model.safetensors"
+    save_file({"lora_unet_layers_99_attention_to_q.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_layers_99_attention_to_q.lora_up.weight": torch.zeros(8, 2)}, str(bad))
+    try:
+        job = httpx.post(f"{url}/api/jobs", json={"prompt": "a red circle", "loras": [
+            {"name": "style.safetensors"}, {"name": "other-model.safetensors"}]}).json()
+        deadline = time.time() + 60
+        while (status := httpx.get(f"{url}/api/jobs/{job['id']}").json())["state"] not in ("done", "error"):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert status["state"] == "error" and "another model" in status["error"]
+        assert not any(m._forward_hooks for m in app.state.generator.pipe.transformer.modules())
+    finally:
+        bad.unlink()
+
+
+def test_the_guard_refuses_big_bodies_and_missing_keys_before_reading_them():
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from zimagekit.serve.app import Guard
+
+    inner = FastAPI()
+    reached = []
+
+    @inner.post("/echo")
+    async def echo(body: dict):
+        reached.append(body)
+        return body
+
+    async def run():
+        transport = httpx.ASGITransport(app=Guard(inner, api_key="k", max_body=100))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            no_key = await client.post("/echo", json={"a": 1})
+            big = await client.post("/echo", json={"a": "x" * 200}, headers={"X-API-Key": "k"})
+            fine = await client.post("/echo", json={"a": 1}, headers={"X-API-Key": "k"})
+            return no_key.status_code, big.status_code, fine.status_code
+
+    assert asyncio.run(run()) == (401, 413, 200)
+    assert reached == [{"a": 1}]  # only the request that passed both checks reached the handler

@@ -222,17 +222,19 @@ def infer_config(state: dict, base: S3DiTConfig, source: str = "ControlNet") -> 
     p, pf = (int(n) for n in key.split(".")[1].split("-"))
     count = len({k.split(".")[1] for k in state if k.startswith("control_layers.")})
     refiners = len({k.split(".")[1] for k in state if k.startswith("control_noise_refiner.")})
-    if "control_noise_refiner.0.after_proj.weight" not in state:
-        mode = None
-    else:
+    control_in_dim = patch_dim // (p * p * pf)
+    if "control_noise_refiner.0.after_proj.weight" not in state and control_in_dim <= base.in_channels:
+        mode = None  # v1: plain refiner blocks, latent channels only
+    else:  # 2.x: the inpainting channels; 2.0 ships its refiner zeroed (or not at all) and steers with control_layers
         before = state.get("control_noise_refiner.0.before_proj.weight")
         mode = "control_layers" if before is None or not bool(before.any()) else "control_noise_refiner"
+        refiners = refiners or base.n_refiner_layers
     spacing = max(base.n_layers // max(count, 1), 1)
     head_dim = base.head_dim
     return ControlNetConfig(
         control_layers_places=tuple(i * spacing for i in range(count)),
         control_refiner_layers_places=tuple(range(refiners)) if mode else (),
-        control_in_dim=patch_dim // (p * p * pf), add_control_noise_refiner=mode,
+        control_in_dim=control_in_dim, add_control_noise_refiner=mode,
         all_patch_size=(p,), all_f_patch_size=(pf,), dim=dim, n_refiner_layers=max(refiners, base.n_refiner_layers),
         n_heads=dim // head_dim, n_kv_heads=dim // head_dim, norm_eps=base.norm_eps, qk_norm=base.qk_norm)
 

@@ -113,7 +113,9 @@ class LoRA(nn.Module):
             if a.shape[1] != layer.in_features or b.shape[0] != out or a.shape[0] != b.shape[1]:
                 raise ZImageKitError(f"{path}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}; this model "
                                      f"needs A (r, {layer.in_features}) and B ({out}, r)")
-            lora._set(name, a.to(layer.weight.device), b.to(layer.weight.device))
+            # a quantized layer's .weight is computed: read its device from the stored data
+            device = layer.data.device if isinstance(layer, QuantizedLinear) else layer.weight.device
+            lora._set(name, a.to(device), b.to(device))
         lora.requires_grad_(False)
         lora.factor = 1.0  # files carry alpha / rank inside B
         lora.scale = scale

@@ -23,6 +23,7 @@ A key that fits none of these is named in a one-line error: a file is never half
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import torch
@@ -99,6 +100,11 @@ def to_diffusers_lora(state: dict[str, torch.Tensor], source: str = "LoRA") -> d
                 raise ZImageKitError(f"{source}: {path} has {have} but not its partner; the file is incomplete")
             raise ZImageKitError(f"{source}: {path} has an alpha but no factors; the file is incomplete")
         down, up = factors["A"], factors["B"]
+        if "alpha" in factors:
+            alpha = float(factors["alpha"])
+            if not math.isfinite(alpha) or alpha <= 0 or down.shape[0] == 0:
+                raise ZImageKitError(f"{source}: {path} has alpha {alpha} and rank {down.shape[0]}; both must be "
+                                     "positive")
         scale = (_alpha_split(float(factors["alpha"]) / down.shape[0]) if "alpha" in factors else (1.0, 1.0))
         block, _, name = path.rpartition(".attention.")
         if name == "qkv":

@@ -206,7 +206,10 @@ def read_gguf(path: Path) -> dict[str, torch.Tensor | GGUFWeight]:
         kind = t.tensor_type.name
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if kind in FLOAT_TYPES:
-            out[t.name] = torch.from_numpy(t.data.copy()).reshape(shape)
+            data = torch.from_numpy(t.data.copy())
+            if kind == "BF16":  # numpy has no bfloat16: the reader hands over its raw bytes
+                data = data.view(torch.bfloat16)
+            out[t.name] = data.reshape(shape)
         elif kind in BLOCKS:
             if len(shape) != 2:
                 raise ZImageKitError(f"{path}: {t.name} is {kind} with shape {shape}; only 2-D weights are quantized")

@@ -21,8 +21,9 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -31,6 +32,7 @@ from ..request import GenerationRequest
 from .jobs import Job, JobQueue
 
 STATIC = Path(__file__).parent / "static"
+MAX_PENDING = 32  # jobs waiting or running; more get a 503
 # How request errors name the settings of a GenerationRequest (zimagekit's API field names).
 API_LABELS = {
     "width": "width", "height": "height", "num_inference_steps": "steps", "guidance_scale": "guidance_scale",
@@ -61,7 +63,7 @@ class ApiError(Exception):
 
 class LoraChoice(BaseModel):
     name: str = Field(description="a .safetensors file name in the server's LoRA folder")
-    scale: float = 1.0
+    scale: float = Field(1.0, allow_inf_nan=False)
 
 
 class GenerateBody(BaseModel):
@@ -142,10 +144,13 @@ class Generator:
                 return None
             try:
                 raw = base64.b64decode(data.split(",", 1)[-1], validate=True)
-                with Image.open(io.BytesIO(raw)) as im:
+                with Image.open(io.BytesIO(raw), formats=["PNG", "JPEG", "WEBP"]) as im:
+                    if max(im.size) > limits.max_side:  # before decoding the pixels
+                        raise ApiError(400, f"{field} is {im.size[0]}x{im.size[1]}, more than this server's "
+                                            f"{limits.max_side} pixels a side", field)
                     return im.convert(mode)
-            except (ValueError, OSError, UnidentifiedImageError):
-                raise ApiError(400, f"{field} is not a base64-encoded image", field) from None
+            except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError):
+                raise ApiError(400, f"{field} is not a base64-encoded PNG, JPEG or WebP image", field) from None
 
         init, mask = image("init_image", body.init_image, "RGB"), image("mask", body.mask, "L")
         seed = body.seed if body.seed >= 0 else random.SystemRandom().randrange(2**32)
@@ -189,8 +194,10 @@ class Generator:
         from ..lora import LoRA
         from ..pngmeta import GenerationInfo, infotext, png_info
 
-        attached = [LoRA.load(self.pipe.transformer, path, scale) for path, scale in loras]
+        attached = []
         try:
+            for path, scale in loras:  # inside the try: a LoRA that fails leaves none attached
+                attached.append(LoRA.load(self.pipe.transformer, path, scale))
             images = self.pipe(
                 body.prompt, negative_prompt=body.negative_prompt or None, width=request.width, height=request.height,
                 num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
@@ -213,7 +220,7 @@ class Generator:
             image.save(buffer, format="PNG", pnginfo=png_info(info))
             png = buffer.getvalue()
             if self.output_dir is not None:  # names chosen here, never by the request
-                (self.output_dir / f"{job.number:05d}-{k}-{seed}.png").write_bytes(png)
+                (self.output_dir / f"{job.number:05d}-{job.id}-{k}-{seed}.png").write_bytes(png)
             out.append((png, infotext(info)))
         return out
 
@@ -224,6 +231,47 @@ def _field_of(message: str) -> str | None:
 
 
 # -- the app ----------------------------------------------------------------------------------
+
+OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+MAX_BODY = 64 * 2**20  # bytes of a request body: two base64 images at the largest allowed size fit
+
+
+class Guard:
+    """Plain ASGI middleware: the API key and a cap on the body's size, both checked before the
+    body is read (a FastAPI dependency runs only after the body is parsed, and Starlette's HTTP
+    middleware would hide a client's disconnect from the handlers that cancel its job)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] not in OPEN_PATHS:
+            # Headers for API clients; ?key= for what a browser cannot add headers to (EventSource, <img>).
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            given = (headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+                     or query.get("key", [""])[0])
+            if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+                response = JSONResponse({"error": "missing or wrong API key (Authorization: Bearer KEY, X-API-Key, "
+                                         "or ?key=)", "field": None}, status_code=401)
+                return await response(scope, receive, send)
+        if int(headers.get("content-length") or 0) > self.max_body:
+            response = JSONResponse({"error": f"the request body is larger than {self.max_body} bytes", "field": None},
+                                    status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():  # a body sent without a length is counted as it arrives
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise ApiError(413, f"the request body is larger than {self.max_body} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 def create_app(generator: Generator, api_key: str | None = None, queue: JobQueue | None = None) -> FastAPI:
@@ -239,17 +287,7 @@ def create_app(generator: Generator, api_key: str | None = None, queue: JobQueue
     async def api_error(_, e: ApiError):
         return JSONResponse({"error": e.message, "field": e.field}, status_code=e.status)
 
-    def check_key(request: Request) -> None:
-        """Every route but the page and /health (a plain ASGI check: an HTTP middleware would
-        hide a client's disconnect from the handlers that cancel its job)."""
-        if api_key:
-            # Headers for API clients; ?key= for what a browser cannot add headers to (EventSource, <img>).
-            given = (request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-                     or request.query_params.get("key", ""))
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
-                raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY, X-API-Key, or ?key=)")
-
-    keyed = [Depends(check_key)]
+    app.add_middleware(Guard, api_key=api_key)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -259,16 +297,23 @@ def create_app(generator: Generator, api_key: str | None = None, queue: JobQueue
     async def health():
         return {"status": "ok", "model": generator.model_name, "queue": len(jobs)}
 
-    @app.get("/api/info", dependencies=keyed)
+    @app.get("/api/info")
     async def info():
         limits = generator.limits
         return {"model": generator.model_name, "defaults": generator.pipe.defaults, "loras": generator.loras(),
                 "limits": limits.__dict__, "image_multiple": generator.pipe.image_multiple}
 
-    @app.post("/api/jobs", dependencies=keyed)
+    @app.post("/api/jobs")
     async def submit(body: GenerateBody):
-        job = jobs.submit(generator.plan(body))
+        job = await planned(body)
         return {"id": job.id, "position": jobs.position(job)}
+
+    async def planned(body: GenerateBody) -> Job:
+        """Check the request off the event loop (decoding an upload takes a while), then queue it."""
+        job = await asyncio.to_thread(generator.plan, body)
+        if len(jobs) >= MAX_PENDING:
+            raise ApiError(503, f"the queue is full ({MAX_PENDING} jobs); try again later")
+        return jobs.submit(job)
 
     def lookup(job_id: str) -> Job:
         job = jobs.get(job_id)
@@ -286,24 +331,24 @@ def create_app(generator: Generator, api_key: str | None = None, queue: JobQueue
             out["error"] = job.error
         return out
 
-    @app.get("/api/jobs/{job_id}", dependencies=keyed)
+    @app.get("/api/jobs/{job_id}")
     async def job_status(job_id: str):
         return status(lookup(job_id))
 
-    @app.delete("/api/jobs/{job_id}", dependencies=keyed)
+    @app.delete("/api/jobs/{job_id}")
     async def cancel(job_id: str):
         job = lookup(job_id)
         jobs.cancel(job)
         return status(job)
 
-    @app.get("/api/jobs/{job_id}/images/{index}", dependencies=keyed)
+    @app.get("/api/jobs/{job_id}/images/{index}")
     async def job_image(job_id: str, index: int):
         job = lookup(job_id)
         if not 0 <= index < len(job.images):
             raise ApiError(404, f"job {job_id} has no image {index}", "index")
         return Response(job.images[index], media_type="image/png")
 
-    @app.get("/api/jobs/{job_id}/events", dependencies=keyed)
+    @app.get("/api/jobs/{job_id}/events")
     async def events(job_id: str):
         """Server-sent events: the job's status whenever it changes; closing the stream before
         the job is over cancels it."""
@@ -339,21 +384,21 @@ def create_app(generator: Generator, api_key: str | None = None, queue: JobQueue
             raise ApiError(499, "cancelled")
         return job
 
-    @app.post("/sdapi/v1/txt2img", dependencies=keyed)
+    @app.post("/sdapi/v1/txt2img")
     async def a1111_txt2img(body: A1111Body, request: Request):
-        job = await finish(jobs.submit(generator.plan(_from_a1111(body, img2img=False))), request)
+        job = await finish(await planned(_from_a1111(body, img2img=False)), request)
         return _a1111_response(job, body)
 
-    @app.post("/sdapi/v1/img2img", dependencies=keyed)
+    @app.post("/sdapi/v1/img2img")
     async def a1111_img2img(body: A1111Body, request: Request):
-        job = await finish(jobs.submit(generator.plan(_from_a1111(body, img2img=True))), request)
+        job = await finish(await planned(_from_a1111(body, img2img=True)), request)
         return _a1111_response(job, body)
 
-    @app.get("/sdapi/v1/sd-models", dependencies=keyed)
+    @app.get("/sdapi/v1/sd-models")
     async def a1111_models():
         return [{"title": generator.model_name, "model_name": generator.model_name, "filename": generator.model_name}]
 
-    @app.post("/v1/images/generations", dependencies=keyed)
+    @app.post("/v1/images/generations")
     async def openai_generations(body: OpenAIBody, request: Request):
         if body.response_format != "b64_json":
             raise ApiError(400, "response_format must be b64_json: this server hosts no image URLs", "response_format")
@@ -363,8 +408,8 @@ def create_app(generator: Generator, api_key: str | None = None, queue: JobQueue
                 width, height = (int(v) for v in body.size.lower().split("x"))
             except ValueError:
                 raise ApiError(400, f"size {body.size!r} is not WIDTHxHEIGHT, e.g. 1024x1024", "size") from None
-        job = await finish(jobs.submit(generator.plan(GenerateBody(prompt=body.prompt, n=body.n, width=width,
-                                                                   height=height))), request)
+        job = await finish(await planned(GenerateBody(prompt=body.prompt, n=body.n, width=width, height=height)),
+                           request)
         return {"created": int(time.time()),
                 "data": [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": body.prompt} for png in job.images]}
 

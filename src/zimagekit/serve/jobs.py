@@ -69,8 +69,13 @@ class JobQueue:
         return self
 
     def stop(self) -> None:
+        """Stop after the running job; waiting jobs end as cancelled, so no waiter hangs."""
         with self._wake:
             self._stopping = True
+            while self._pending:
+                job = self._pending.popleft()
+                job.state = "cancelled"
+                job.finished.set()
             self._wake.notify_all()
 
     def submit(self, job: Job) -> Job:
@@ -137,6 +142,7 @@ class JobQueue:
                 job.error = str(e).splitlines()[0] if str(e) else type(e).__name__
                 job.state = "error"
             finally:
+                job.work = None  # let the request's uploads and settings go
                 with self._lock:
                     self.running = None
                 job.finished.set()
