@@ -368,12 +368,13 @@ class ZImagePipeline:
             own = model.component("transformer") / "config.json"
             if transformer is not None and Path(transformer).is_file() and own.is_file():
                 config = S3DiT.config_class.from_json(own)  # a single file carries no config: the folder's
-            transformer = S3DiT.from_pretrained(transformer or model.component("transformer"), dtype=dtype, device=home,
-                                                config=config)
+            # fp8 is quantized on the CPU before the move, so the device never holds the dense weights
+            transformer = S3DiT.from_pretrained(transformer or model.component("transformer"), dtype=dtype,
+                                                device="cpu" if quantize == "fp8" else home, config=config)
         if quantize == "fp8":
             from .quantized import quantize_fp8
 
-            quantize_fp8(transformer)
+            transformer = quantize_fp8(transformer).to(home)
         transformer.requires_grad_(False).eval()
         vae_dtype = torch.float32 if model.vae_force_upcast else dtype
         with _loading(model, "vae"):
