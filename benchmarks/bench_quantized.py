@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 CASES = ["dense", "fp8", "Q8_0", "Q4_0", "diffusers-Q8_0", "diffusers-Q4_0"]
 
@@ -39,29 +40,19 @@ def config(dim: int, layers: int):
 
 
 def write_files(folder: Path, dim: int, layers: int) -> None:
-    """bf16 safetensors folder and GGUF files in the original (ComfyUI) layout."""
-    from gguf import GGMLQuantizationType as T
-    from gguf import GGUFWriter, quants
+    """A bf16 safetensors folder and GGUF files (diffusers' names) whose blocks' weights are
+    quantized by the gguf package (tests/test_quantized.py writes them)."""
+    from test_quantized import write_gguf
 
     from zimagekit.s3dit import S3DiT
 
     torch.manual_seed(0)
     model = S3DiT(config(dim, layers)).to(torch.bfloat16)
     model.save_pretrained(folder / "bf16")
-    state = model.state_dict()
+    blocks = ("layers.", "noise_refiner.", "context_refiner.")
     for kind in ("Q8_0", "Q4_0"):
-        writer = GGUFWriter(str(folder / f"{kind}.gguf"), "zimage")
-        for key, value in state.items():
-            a = value.float().numpy()
-            if (key.startswith(("layers.", "noise_refiner.", "context_refiner.")) and key.endswith(".weight")
-                    and a.ndim == 2 and a.shape[1] % 32 == 0):
-                writer.add_tensor(key, quants.quantize(a, getattr(T, kind)), raw_dtype=getattr(T, kind))
-            else:
-                writer.add_tensor(key, a.astype(np.float16) if a.ndim == 2 else a)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_gguf(folder / f"{kind}.gguf", model.state_dict(), kind, layout="diffusers",
+                   only=lambda key: key.startswith(blocks))
 
 
 def _rss_kib(field: str) -> int:

@@ -687,22 +687,14 @@ class ZImagePipeline:
         (ControlNet inpainting) the kept region's flag (1 − mask, at the latent grid) and the
         latents of the init image with the masked pixels zeroed follow, as diffusers stacks
         them; otherwise zero channels pad it to the ControlNet's ``control_in_dim``."""
-        from PIL import Image
-
         def pixels(pil_images):
-            out = []
-            for im in pil_images:
-                im = im.convert("RGB")
-                if im.size != (width, height):
-                    im = im.resize((width, height), resample=Image.LANCZOS)
-                out.append(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1))
-            return to_vae_input(torch.stack(out)).to(self.device, self.vae.dtype)
+            return to_vae_input(_resized_pixels(pil_images, width, height)).to(self.device, self.vae.dtype)
 
         def encode(x):
             with self._on_device(self.vae):
                 return scale_latents(self.vae.encode(x).latent_dist.mean.float(), self.vae.config)
 
-        owner = lambda n: [min(b // per_prompt, n - 1) for b in range(shape[0])]  # noqa: E731
+        owner = lambda n: _owners(shape[0], per_prompt, n)  # noqa: E731
         latents = encode(pixels(controls))[owner(len(controls))]
         need = self.controlnet.config.control_in_dim
         if masks is not None:
@@ -731,21 +723,13 @@ class ZImagePipeline:
         image draws its own posterior noise and then its own initial noise, so any image is
         reproducible from its own seed.
         """
-        from PIL import Image
-
-        pixels = []
-        for image in images:
-            image = image.convert("RGB")
-            if image.size != (width, height):
-                image = image.resize((width, height), resample=Image.LANCZOS)
-            pixels.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
-        pixels = to_vae_input(torch.stack(pixels)).to(self.device)
+        pixels = to_vae_input(_resized_pixels(images, width, height)).to(self.device)
         config = self.vae.config
         with self._on_device(self.vae):
             posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         mean, std = posterior.mean.float(), posterior.std.float()
         # Output image b belongs to prompt b // per_prompt; a single init image serves them all.
-        owner = [min(b // per_prompt, len(images) - 1) for b in range(batch)]
+        owner = _owners(batch, per_prompt, len(images))
         if isinstance(generators, list):
             eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators]).to(self.device)
             z = mean[owner] + std[owner] * eps
@@ -793,6 +777,26 @@ def _as_image_list(images, num_prompts: int, name: str) -> list:
     return images
 
 
+def _owners(batch: int, per_prompt: int, n: int) -> list[int]:
+    """Which of ``n`` per-prompt inputs each output image uses: image b belongs to prompt
+    b // per_prompt; a single input serves them all."""
+    return [min(b // per_prompt, n - 1) for b in range(batch)]
+
+
+def _resized_pixels(images: list, width: int, height: int) -> torch.Tensor:
+    """PIL images → uint8 (N, 3, height, width), LANCZOS-resized where their size differs, as
+    diffusers' image processor does."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        out.append(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+    return torch.stack(out)
+
+
 def _check_masks(masks: list, images: list) -> None:
     """A mask must cover its image: a mask of another size is most likely the wrong file."""
     for k, mask in enumerate(masks):
@@ -821,8 +825,7 @@ def _latent_masks(masks: list, width: int, height: int, shape: tuple, per_prompt
     """(B, 1, h, w) masks at the latent grid (nearest neighbour from :func:`_binary_masks`),
     one row per output image."""
     m = torch.nn.functional.interpolate(_binary_masks(masks, width, height), size=shape[2:], mode="nearest")
-    owner = [min(b // per_prompt, len(masks) - 1) for b in range(shape[0])]
-    return m[owner]
+    return m[_owners(shape[0], per_prompt, len(masks))]
 
 
 def _generators(generator, seed: int | None, batch: int):

@@ -245,13 +245,13 @@ def load_gguf(cls, path: Path, dtype: torch.dtype | None = None, device=None, co
     state = read_gguf(path)
     if is_comfy_state_dict(state):
         state = comfy_to_hf(state)
+    # quantized tensors stand in for their shapes, for the config and the key check
+    shapes = {k: (torch.empty(v.shape, device="meta") if isinstance(v, GGUFWeight) else v) for k, v in state.items()}
     if config is None:
-        shapes = {k: (torch.empty(v.shape, device="meta") if isinstance(v, GGUFWeight) else v) for k, v in state.items()}
         config = infer_config(shapes, cls.config_class)
     with torch.device("meta"):
         model = cls(config)
-    check_state_dict(model, {k: torch.empty(v.shape, device="meta") if isinstance(v, GGUFWeight) else v
-                             for k, v in state.items()}, source=str(path))
+    check_state_dict(model, shapes, source=str(path))
     # Hugging Face names → the model's own (fused) ones, in the stored format.
     internal = dict(state)
     for name in list(internal):

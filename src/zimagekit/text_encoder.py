@@ -86,6 +86,7 @@ class ChatTokenizer:
         self.backend = backend
         self.template = template
         self.special_tokens = special_tokens
+        self._compiled = _chat_environment().from_string(template)  # once, not per prompt
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ChatTokenizer:
@@ -120,10 +121,6 @@ class ChatTokenizer:
         if not template:
             raise ZImageKitError(f"{folder}: the tokenizer has no chat template; "
                                  "add Qwen3's chat_template.jinja (Z-Image formats every prompt with it)")
-        try:
-            _chat_environment().from_string(template)
-        except jinja2.TemplateSyntaxError as e:
-            raise ZImageKitError(f"{folder}: the chat template is not valid Jinja ({e}); copy it again") from None
         special = {}
         for name in _SPECIAL_TOKENS:
             token = config.get(name)
@@ -131,12 +128,15 @@ class ChatTokenizer:
                 token = token.get("content")
             if isinstance(token, str):
                 special[name] = token
-        return cls(backend, template, special)
+        try:
+            return cls(backend, template, special)
+        except jinja2.TemplateSyntaxError as e:
+            raise ZImageKitError(f"{folder}: the chat template is not valid Jinja ({e}); copy it again") from None
 
     def format(self, prompt: str) -> str:
         """The prompt as the reference feeds it: one user turn, the generation prompt, thinking
         on; with Qwen3's template ``<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n``."""
-        return _chat_environment().from_string(self.template).render(
+        return self._compiled.render(
             messages=[{"role": "user", "content": prompt}], add_generation_prompt=True, enable_thinking=True,
             **self.special_tokens)
 
