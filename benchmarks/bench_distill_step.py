@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def seconds_per_step(batch: int, student_steps: int, cycles: int, root: Path) -> float:
     from zimagekit.algorithms import decoupled_dmd as dd
+    from zimagekit.image_training import ZImageTrainConfig
     from zimagekit.runconfig import load_config
     from zimagekit.s3dit import S3DiT
-    from zimagekit.shapes.teacher import TeacherConfig
     from zimagekit.trainer import IndexDataSource, Trainer
 
     cfg = load_config(dd.DistillConfig, ROOT / "configs" / "shapes" / "distill.yaml")
-    model = load_config(TeacherConfig, ROOT / "configs" / "shapes" / "teacher.yaml").model
-    teacher_schedule = load_config(TeacherConfig, ROOT / "configs" / "shapes" / "teacher.yaml").flow.schedule
+    model = load_config(ZImageTrainConfig, ROOT / "configs" / "shapes" / "teacher.yaml").model
+    teacher_schedule = load_config(ZImageTrainConfig, ROOT / "configs" / "shapes" / "teacher.yaml").flow.schedule
     k = cfg.distill.fake_updates_per_student
     steps = 1 + k * cycles
     cfg = dataclasses.replace(

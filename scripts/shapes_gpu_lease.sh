@@ -17,7 +17,7 @@
 # stock PyTorch image: diffusers and importlib_metadata); they are installed to /tmp/site.
 # EXTRA_T and EXTRA_D append overrides to the teacher and distill runs, EVAL_IMAGES and
 # PICK_STEPS shrink the evaluations. A CPU rehearsal (4 minutes): TEACH_END=90 DIST_END=160
-# EXTRA_T="data.scenes=600 train.batch_size=8 train.precision=fp32 data.cache_dir=/tmp/c"
+# EXTRA_T="data.count=600 train.batch_size=8 train.precision=fp32 data.cache_dir=/tmp/c"
 # EXTRA_D="train.batch_size=4 train.precision=fp32 data.count=200" EVAL_IMAGES=1 PICK_STEPS=2.
 set -u -o pipefail
 OUT=${OUT:-runs/lease-out}
@@ -40,6 +40,7 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and \
 torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)" 2>&1 | tee -a "$L"
 T=zimagekit.shapes.teacher
+R=zimagekit.cli.train
 D=zimagekit.cli.distill
 mkdir -p runs/pack
 
@@ -62,7 +63,7 @@ judge() {
 }
 
 log "probe (encodes the latent cache first)"
-python3 -m $T train --config configs/shapes/teacher_gpu.yaml run.name=probe train.steps=60 train.log_every=20 \
+python3 -m $R train --config configs/shapes/teacher_gpu.yaml run.name=probe train.steps=60 train.log_every=20 \
   train.ckpt_every=0 optim.warmup_steps=10 $EXTRA_T 2>&1 | tee -a "$L" || { log "probe failed"; exit 1; }
 RATE=$(grep -o '[0-9.]* samples/s' "$L" | tail -1 | cut -d' ' -f1)
 BATCH=$(grep -o 'batch_size: [0-9]*' runs/probe/config.yaml | cut -d' ' -f2)
@@ -72,10 +73,10 @@ log "rate $RATE samples/s at batch $BATCH, $LEFT s left: train.steps=$N"
 rm -rf runs/probe
 
 log "teacher: $N steps"
-timeout -s INT $(( TEACH_END - $(el) + 15 )) python3 -m $T train --config configs/shapes/teacher_gpu.yaml \
+timeout -s INT $(( TEACH_END - $(el) + 15 )) python3 -m $R train --config configs/shapes/teacher_gpu.yaml \
   train.steps="$N" $EXTRA_T 2>&1 | tee -a "$L"
 log "teacher exit $?; export"
-pack $T shapes-teacher-gpu shapes-teacher teacher
+pack $R shapes-teacher-gpu shapes-teacher teacher
 
 if [ -z "${W:-}" ]; then
   for w in 0 1 2 3; do judge "pick-w$w" runs/export/shapes-teacher "$PICK_STEPS" $w 1; done

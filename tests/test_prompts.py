@@ -47,7 +47,7 @@ def test_a_function_draws_count_prompts_with_the_seed():
     ("empty.txt", "\n \n", "holds no prompts"),
     ("bad.jsonl", '{"prompt": "a"}\nnot json\n', "line 2 is not JSON"),
     ("cols.csv", "file,label\na.png,x\n", "none of the columns prompt, text, caption"),
-    ("zimagekit.nowhere:prompts", None, "cannot import it"),
+    ("zimagekit.nowhere:prompts", None, "cannot import zimagekit.nowhere"),
     ("zimagekit.shapes.world:training_prompts", None, "give their count"),
 ])
 def test_bad_sources_are_one_line_errors(tmp_path, source, content, message):

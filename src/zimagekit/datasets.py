@@ -5,11 +5,14 @@ Layouts (ecosystem conventions):
 * a folder of images, each with a same-name ``.txt`` caption (ai-toolkit, kohya);
 * a folder with ``metadata.jsonl`` or ``metadata.csv`` naming ``file_name,text``
   (Hugging Face imagefolder) or ``image,prompt`` (DiffSynth-Studio) columns;
-* webdataset tar shards: members ``KEY.jpg|png|webp`` and ``KEY.txt`` side by side.
+* webdataset tar shards: members ``KEY.jpg|png|webp`` and ``KEY.txt`` side by side;
+* ``package.module:function``: ``function(count)`` returns a :class:`CaptionedImages` of
+  ``count`` items, for images made by code (how the shapes world,
+  ``zimagekit.shapes.teacher:scenes``, plugs in without this module knowing it).
 
 Images are opened lazily. One that cannot be decoded is skipped and counted
 (``dataset.skipped``), never an exception in the middle of an epoch; the frozen-encoder
-cache (:mod:`zimagekit.shapes.teacher` style) is where every image gets read once.
+cache (:mod:`zimagekit.latent_cache`) is where every image gets read once.
 
 Buckets follow Z-Image's omni pre-training (arbitrary resolutions and aspect ratios): each
 bucket keeps roughly the base area, both sides multiples of 16 px, and an image goes to the
@@ -23,15 +26,48 @@ import io
 import json
 import logging
 import math
+import os
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .errors import ZImageKitError
+from .runconfig import import_object
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class CaptionedImages(Protocol):
+    """What the latent cache reads: captions without opening images, images one at a time,
+    and rows that change whenever an item does (the cache's key)."""
+
+    skipped: int  # items whose image could not be read
+
+    def __len__(self) -> int: ...
+
+    def captions(self) -> list[str]: ...
+
+    def load(self, i: int):
+        """(PIL RGB image, caption), or None if the image cannot be read."""
+
+    def identity(self) -> Iterable: ...
+
+
+def open_dataset(source: str, count: int | None = None) -> CaptionedImages:
+    """The dataset ``source`` names (see the module docstring): a folder's or shard's first
+    ``count`` items (all if None), or ``count`` items made by a function."""
+    if not Path(source).exists() and ":" in source:
+        if count is None:
+            raise ZImageKitError(f"dataset {source} makes its images: give their count (data.count)")
+        return import_object(source, "dataset")(count)
+    dataset = ImageCaptionDataset.open(source)
+    if count is not None:
+        dataset.samples = dataset.samples[:count]
+    return dataset
 
 
 @dataclass
@@ -85,6 +121,15 @@ class ImageCaptionDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def captions(self) -> list[str]:
+        return [s.caption for s in self.samples]
+
+    def identity(self) -> Iterable:
+        """Each item's location, caption, size and modification time."""
+        for s in self.samples:
+            stat = os.stat(s.source)
+            yield [s.source, s.member, s.caption, stat.st_size, stat.st_mtime_ns]
 
     def load(self, i: int):
         """(PIL RGB image, caption), or None (counted in ``skipped``) if it cannot be decoded."""

@@ -15,11 +15,11 @@ are keyed by it, so features of another enhancer are never reused.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
 from .errors import ZImageKitError
+from .runconfig import import_object
 
 
 class PromptEnhancer:
@@ -86,12 +86,8 @@ def load_enhancer(spec: str, device=None) -> PromptEnhancer:
         return PromptEnhancer()
     if spec.startswith("llm:") and spec[4:]:
         return TransformersEnhancer(spec[4:], device=device)
-    module, sep, name = spec.partition(":")
-    if sep and module and name.isidentifier():
-        try:
-            factory = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise ZImageKitError(f"prompt enhancer {spec}: cannot import it ({e})") from None
+    if ":" in spec:
+        factory = import_object(spec, "prompt enhancer")
         enhancer = factory()
         if not isinstance(enhancer, PromptEnhancer):
             raise ZImageKitError(f"prompt enhancer {spec} is not a zimagekit.enhancer.PromptEnhancer")

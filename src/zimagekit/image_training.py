@@ -36,19 +36,37 @@ from .runconfig import load_config
 
 @dataclass
 class DataSection:
-    path: str = ""  # image folder with .txt captions, folder with metadata.jsonl/.csv, or .tar shard(s)
+    # image folder with .txt captions, folder with metadata.jsonl/.csv, .tar shard(s), or
+    # package.module:function making `count` images (zimagekit.datasets)
+    path: str = ""
+    count: int | None = None  # null: the whole folder; N: its first N items, or N made by a function
     resolution: int = 1024  # aspect buckets keep about resolution² pixels, sides multiples of 16
     max_aspect: float = 2.0  # widest bucket; 1.0: square images only
     max_sequence_length: int = 512  # caption tokens kept, chat template included
     enhancer: str = "none"  # prompt enhancer: none, llm:FOLDER (a local transformers model) or module:Name
     cache_dir: str = "runs/cache"  # encoded latents and caption features, reused while the inputs are unchanged
     seed: int = 0  # order of the batches
+    # true: hold every latent and distinct caption on the training device (batches without file
+    # reads; for a cache that fits, such as the shapes world's)
+    preload: bool = False
 
     def __post_init__(self):
+        if self.count is not None and self.count < 1:
+            raise ZImageKitError(f"config key 'data.count' must be >= 1 or null, got {self.count}")
         if self.resolution < 16 or self.resolution % 16:
             raise ZImageKitError(f"config key 'data.resolution' must be a multiple of 16, got {self.resolution}")
         if self.max_aspect < 1:
             raise ZImageKitError(f"config key 'data.max_aspect' must be >= 1, got {self.max_aspect}")
+
+
+@dataclass
+class ComponentsSection:
+    """Components taken from other folders instead of ``pretrained``'s (null: its own), as
+    diffusers' ``from_pretrained(vae=...)``; ``train export`` copies them into the folder."""
+
+    vae: str | None = None
+    text_encoder: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -79,6 +97,11 @@ class ZImageTrainConfig(FlowMatchingConfig):
     pretrained: str = ""  # a Z-Image folder (Hugging Face layout): its VAE and text encoder encode the data
     # pretrained: fine-tune the folder's transformer; scratch: a fresh S3-DiT shaped by `model`
     init: Literal["pretrained", "scratch"] = "pretrained"
+    # dual_stream: the MMDiT-style counterfactual of zimagekit.dual_stream (same embedders,
+    # token layout and final layer; model.n_layers dual blocks, no refiners), from scratch. It
+    # has no Z-Image folder layout, so it cannot be exported; it is compared from its run.
+    architecture: Literal["single_stream", "dual_stream"] = "single_stream"
+    components: ComponentsSection = field(default_factory=ComponentsSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -102,14 +125,26 @@ def phase_configs(cfg: ZImageTrainConfig) -> list[ZImageTrainConfig]:
     return out
 
 
-def _encoded_data(cfg: ZImageTrainConfig, folder, device):
-    from .datasets import ImageCaptionDataset, make_buckets
+def open_folder(cfg: ZImageTrainConfig):
+    """The ``pretrained`` folder with the config's replaced components."""
+    from .pipeline import ModelFolder
+
+    if not cfg.pretrained:
+        raise ZImageKitError("config key 'pretrained' is empty; point it at a Z-Image folder (its VAE and text "
+                             "encoder encode the data)")
+    return ModelFolder.open(cfg.pretrained, dataclasses.asdict(cfg.components))
+
+
+def encoded_data(cfg: ZImageTrainConfig, folder, device):
+    """The latent cache of the config's dataset, built first if missing."""
+    from .datasets import make_buckets, open_dataset
     from .enhancer import load_enhancer
     from .latent_cache import build_cache, cache_key
 
     if not cfg.data.path:
-        raise ZImageKitError("config key 'data.path' is empty; point it at an image folder, metadata file folder or tar shard")
-    dataset = ImageCaptionDataset.open(cfg.data.path)
+        raise ZImageKitError("config key 'data.path' is empty; point it at an image folder, metadata file folder, "
+                             "tar shard or module:function")
+    dataset = open_dataset(cfg.data.path, cfg.data.count)
     buckets = make_buckets(cfg.data.resolution, folder.image_multiple, cfg.data.max_aspect)
     enhancer = load_enhancer(cfg.data.enhancer, device)
     encoders = [folder.component(n) for n in ("vae", "text_encoder", "tokenizer")]
@@ -147,14 +182,22 @@ def _sampler(folder, device, resolution: int):
     return sample
 
 
-def _transformer(cfg: ZImageTrainConfig, folder, device):
+def build_transformer(cfg: ZImageTrainConfig, folder, device="cpu"):
+    """The run's transformer: the folder's (``init: pretrained``), or a fresh one of the
+    config's ``model`` and ``architecture`` whose widths the folder's encoders fit."""
     from .s3dit import S3DiT
 
+    if cfg.architecture == "dual_stream" and cfg.init != "scratch":
+        raise ZImageKitError("architecture: dual_stream has no pretrained weights; set init: scratch")
     if cfg.init == "pretrained":
         return S3DiT.from_pretrained(folder.component("transformer"), dtype=torch.float32, device=device)
     te = json.loads((folder.component("text_encoder") / "config.json").read_text())
     vae = json.loads((folder.component("vae") / "config.json").read_text())
     cfg.model.check_encoders(te["hidden_size"], vae["latent_channels"])
+    if cfg.architecture == "dual_stream":
+        from .dual_stream import DualStreamDiT
+
+        return DualStreamDiT(cfg.model).to(device)
     return S3DiT(cfg.model).to(device)
 
 
@@ -162,16 +205,14 @@ def train_phase(cfg: ZImageTrainConfig, device, previous: Path | None = None) ->
     """One run of ``cfg`` (already a single phase); ``previous``: the run directory whose
     final raw weights it starts from. Returns the run directory."""
     from .lora import LoRA
-    from .pipeline import ModelFolder
     from .trainer import IndexDataSource, Trainer, load_trained, seed_everything
 
-    if not cfg.pretrained:
-        raise ZImageKitError("config key 'pretrained' is empty; point it at a Z-Image folder (its VAE and text "
-                             "encoder encode the data)")
-    folder = ModelFolder.open(cfg.pretrained)
-    cache = _encoded_data(cfg, folder, device)
+    folder = open_folder(cfg)
+    cache = encoded_data(cfg, folder, device)
+    if cfg.data.preload:
+        cache.preload(device)
     seed_everything(cfg.run.seed)  # the same fresh weights (scratch, LoRA) on every rank
-    model = _transformer(cfg, folder, device)
+    model = build_transformer(cfg, folder, device)
     lora = LoRA.create(model, cfg.lora.rank, cfg.lora.alpha) if cfg.lora.rank else None
     if lora is None:
         model.requires_grad_(True)
@@ -180,19 +221,17 @@ def train_phase(cfg: ZImageTrainConfig, device, previous: Path | None = None) ->
         load_trained(previous, group, trained, use_ema=False)
 
     rank, world = parallel.rank(), parallel.world_size()
-    latent, caption = cache[0]
-    p = model.config.all_patch_size[0]
-    tokens = (latent.shape[-2] * latent.shape[-1] // p**2, caption.shape[0])
+    sample = cache.batch(list(range(min(len(cache), 64))), "cpu")
+    # forward_flops counts S3-DiT's layout; a dual-stream run logs no MFU.
+    tokens = None if cfg.architecture == "dual_stream" else (
+        model.config.image_tokens(*sample["latents"].shape[-2:]),
+        round(sum(len(c) for c in sample["captions"]) / len(sample["captions"])))
     sampler = _sampler(folder, device, cfg.data.resolution) if cfg.train.sample_every else None
     args = (model, cfg.flow, cache.empty_caption().to(device), sampler)
     kwargs = dict(tokens_per_sample=tokens, data_parallel=(rank, world))
     algorithm = LoRAFlowMatching(lora, *args, **kwargs) if lora is not None else FlowMatching(*args, **kwargs)
 
-    def make_batch(indices):
-        items = [cache[i] for i in indices]
-        return {"latents": torch.stack([z for z, _ in items]).to(device), "captions": [c.to(device) for _, c in items]}
-
-    data = IndexDataSource(make_batch, len(cache), cfg.train.batch_size, seed=cfg.data.seed,
+    data = IndexDataSource(lambda indices: cache.batch(indices, device), len(cache), cfg.train.batch_size, seed=cfg.data.seed,
                            buckets=cache.bucket_ids(), rank=rank, world_size=world)
     trainer = Trainer(cfg, algorithm, data,
                       parallelize=lambda _: parallel.parallelize_s3dit(model, cfg.parallel, cfg.train.precision, lora))
@@ -227,15 +266,18 @@ def export(run_dir: Path, out: Path, use_ema: bool = True, dtype: torch.dtype = 
     Z-Image's own transformer is, beside byte-for-byte copies of the ``pretrained`` folder's
     other components and ``model_index.json``."""
     from .lora import LoRA
-    from .pipeline import ModelFolder, save_with_transformer
+    from .pipeline import save_with_transformer
     from .trainer import load_trained
 
     if not (Path(run_dir) / "config.yaml").is_file():
         raise ZImageKitError(f"{run_dir}: not a training run (config.yaml is missing); for a run with phases, export "
                              f"a phase's directory, e.g. {Path(run_dir) / '1-...'}")
     cfg = load_config(ZImageTrainConfig, Path(run_dir) / "config.yaml")
-    folder = ModelFolder.open(cfg.pretrained)
-    model = _transformer(cfg, folder, "cpu")
+    if cfg.architecture != "single_stream":
+        raise ZImageKitError(f"{run_dir} trained a {cfg.architecture} model, which has no Z-Image folder layout; "
+                             "compare its checkpoints from the run instead")
+    folder = open_folder(cfg)
+    model = build_transformer(cfg, folder, "cpu")
     if cfg.lora.rank:
         lora = LoRA.create(model, cfg.lora.rank, cfg.lora.alpha)
         load_trained(run_dir, "lora", lora, use_ema and cfg.ema.enabled)

@@ -147,10 +147,17 @@ class ModelFolder:
     # Sampling defaults the folder records (model_index.json "_zimagekit_defaults", which
     # diffusers ignores); a model without them gets Turbo's.
     defaults: dict = field(default_factory=lambda: dict(TURBO_DEFAULTS))
+    # Components taken from elsewhere (name -> folder), as diffusers' from_pretrained(vae=...).
+    overrides: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, folder: str | Path) -> ModelFolder:
+    def open(cls, folder: str | Path, overrides: dict | None = None) -> ModelFolder:
+        """``overrides`` (e.g. ``{"vae": "my-vae"}``) replace components; each is checked as a
+        component of the folder is."""
         root = Path(folder)
+        overrides = {name: Path(path) for name, path in (overrides or {}).items() if path is not None}
+        if unknown := sorted(set(overrides) - set(COMPONENT_CONFIGS)):
+            raise ZImageKitError(f"no component {unknown[0]!r} to replace; a Z-Image folder has {sorted(COMPONENT_CONFIGS)}")
         layout = "model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/"
         if not root.exists():
             raise ZImageKitError(f"model folder {root} does not exist; pass a Z-Image folder ({layout})")
@@ -160,16 +167,18 @@ class ModelFolder:
         defaults = index.get("_zimagekit_defaults", {})
         if not isinstance(defaults, dict) or set(defaults) - set(TURBO_DEFAULTS):
             raise ZImageKitError(f"{root / 'model_index.json'}: _zimagekit_defaults may only set {sorted(TURBO_DEFAULTS)}")
+        places = {name: overrides.get(name, root / name) for name in COMPONENT_CONFIGS}
         for name, config in COMPONENT_CONFIGS.items():
-            if not (root / name).is_dir():
+            where = places[name]
+            if not where.is_dir():
                 raise ZImageKitError(
                     f"model folder {root} is missing the {name}/ component; copy it from the original model"
-                )
-            if config is not None and not (root / name / config).is_file():
-                raise ZImageKitError(f"{root / name} has no {config}; copy the {name}/ component again")
-        vae = _read_json(root / "vae" / "config.json", "the VAE config")
-        transformer = _read_json(root / "transformer" / "config.json", "the transformer config")
-        text_encoder = _read_json(root / "text_encoder" / "config.json", "the text encoder config")
+                    if name not in overrides else f"{name} folder {where} does not exist")
+            if config is not None and not (where / config).is_file():
+                raise ZImageKitError(f"{where} has no {config}; copy the {name}/ component again")
+        vae = _read_json(places["vae"] / "config.json", "the VAE config")
+        transformer = _read_json(places["transformer"] / "config.json", "the transformer config")
+        text_encoder = _read_json(places["text_encoder"] / "config.json", "the text encoder config")
         # Components from different models load fine one by one, then fail deep inside a forward.
         te_width, cap_dim = text_encoder.get("hidden_size"), transformer.get("cap_feat_dim")
         latent_channels, in_channels = vae.get("latent_channels"), transformer.get("in_channels")
@@ -188,10 +197,10 @@ class ModelFolder:
         max_caption = max_caption_tokens(axes_lens[0]) if isinstance(axes_lens, list) and axes_lens else None
         return cls(root, multiple, vae_force_upcast=vae.get("force_upcast", True),
                    defaults={**TURBO_DEFAULTS, **defaults}, max_caption_tokens=max_caption,
-                   records_size=bool({"height", "width"} & set(defaults)))
+                   records_size=bool({"height", "width"} & set(defaults)), overrides=overrides)
 
     def component(self, name: str) -> Path:
-        return self.root / name
+        return self.overrides.get(name, self.root / name)
 
 
 def vae_downsampling(block_out_channels) -> int:
@@ -270,16 +279,20 @@ def read_schedule_config(path: Path) -> tuple[ScheduleConfig, dict]:
 def save_with_transformer(folder: ModelFolder, transformer: S3DiT, out: Path, dtype: torch.dtype) -> None:
     """Write ``folder`` to ``out`` with ``transformer`` in place of its own, stored in ``dtype``
     (the module is cast in place: no second copy of a 6B model), every other component and
-    ``model_index.json`` copied byte for byte, atomically (a failure leaves ``out`` as it was).
-    How a trained or post-trained transformer ships."""
+    ``model_index.json`` copied byte for byte (a replaced component from where it was taken),
+    atomically (a failure leaves ``out`` as it was). How a trained or post-trained transformer
+    ships."""
     import shutil
 
     from .fileio import atomic_folder
 
-    root = folder.root.resolve()
+    root, skip = folder.root.resolve(), {"transformer", *folder.overrides}
     with atomic_folder(Path(out)) as tmp:
         shutil.copytree(root, tmp, dirs_exist_ok=True,
-                        ignore=lambda d, names: ["transformer"] if Path(d).resolve() == root else [])
+                        ignore=lambda d, names: [n for n in names if n in skip] if Path(d).resolve() == root else [])
+        for name, where in folder.overrides.items():
+            if name != "transformer":
+                shutil.copytree(where, tmp / name)
         transformer.to(dtype).save_pretrained(tmp / "transformer")
 
 

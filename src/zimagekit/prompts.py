@@ -15,12 +15,12 @@ them. One string names the source, so a config file can say it in one line:
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import re
 from pathlib import Path
 
 from .errors import ZImageKitError
+from .runconfig import import_object
 
 PROMPT_COLUMNS = ("prompt", "text", "caption")
 _FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -36,7 +36,7 @@ def load_prompts(source: str, count: int | None = None, seed: int = 0, column: s
     elif path.is_dir() or path.suffix == ".tar":
         from .datasets import ImageCaptionDataset
 
-        prompts = [s.caption for s in ImageCaptionDataset.open(path).samples]
+        prompts = ImageCaptionDataset.open(path).captions()
     elif not path.is_file():
         raise ZImageKitError(f"prompt source {source}: no such file or folder (give a .txt/.jsonl/.csv file, a "
                              "dataset folder, or module:function)")
@@ -84,11 +84,7 @@ def _column(source: str, rows: list[dict], column: str | None) -> list[str]:
 
 
 def _call(source: str, count: int | None, seed: int) -> list[str]:
-    module, name = source.split(":")
-    try:
-        function = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ZImageKitError(f"prompt source {source}: cannot import it ({e})") from None
+    function = import_object(source, "prompt source")
     if count is None:
         raise ZImageKitError(f"prompt source {source} draws prompts: give their count")
     return [str(p) for p in function(count, seed)]

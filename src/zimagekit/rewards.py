@@ -15,13 +15,13 @@ one line instead of training on NaN.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
 from .errors import ZImageKitError
+from .runconfig import import_object
 
 
 class Reward(Protocol):
@@ -30,15 +30,7 @@ class Reward(Protocol):
 
 def load_reward(spec: str) -> Reward:
     """The reward ``module:Name`` names: an instance of the class, or the function itself."""
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
-        raise ZImageKitError(f"reward {spec!r}: name it as module:Name, e.g. zimagekit.shapes.rewards:JudgeReward")
-    try:
-        target = getattr(importlib.import_module(module_name), name)
-    except ImportError as e:
-        raise ZImageKitError(f"reward {spec!r}: cannot import {module_name} ({e})") from None
-    except AttributeError:
-        raise ZImageKitError(f"reward {spec!r}: {module_name} has no {name}") from None
+    target = import_object(spec, "reward")
     reward = target() if isinstance(target, type) else target
     if not callable(reward):
         raise ZImageKitError(f"reward {spec!r} is not callable; give a class or a function (images, prompts) -> scores")

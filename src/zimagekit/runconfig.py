@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -36,6 +37,22 @@ def require_config(ok: bool, key: str, problem: str) -> None:
     """The one-line error of a config value that fails a check: ``config key 'KEY' PROBLEM``."""
     if not ok:
         raise ZImageKitError(f"config key {key!r} {problem}")
+
+
+def import_object(spec: str, what: str) -> Any:
+    """The object ``package.module:name`` names: how a config plugs in code of one's own (a
+    prompt source, a dataset, an enhancer, a reward). ``what`` names the role in errors."""
+    module, sep, name = spec.partition(":")
+    if not (sep and module and name.isidentifier()):
+        raise ZImageKitError(f"{what} {spec!r}: name it as module:Name, e.g. zimagekit.shapes.world:training_prompts")
+    try:
+        found = importlib.import_module(module)
+    except ImportError as e:
+        raise ZImageKitError(f"{what} {spec}: cannot import {module} ({e})") from None
+    try:
+        return getattr(found, name)
+    except AttributeError:
+        raise ZImageKitError(f"{what} {spec}: {module} has no {name}") from None
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> C:

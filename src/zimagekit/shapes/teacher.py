@@ -1,17 +1,15 @@
 """The shapes-world teacher: an S3-DiT pre-trained by flow matching, as Z-Image was, on VAE
-latents of rendered scenes with captions from the shapes text encoder; its export to a
-folder in the Hugging Face layout of Z-Image-Turbo; and commands for its GenEval-style
-evaluation (in :mod:`zimagekit.shapes.evaluation`).
+latents of rendered scenes with captions from the shapes text encoder. It trains through the
+general ``zimagekit train``: the world is a dataset (:func:`scenes`, named in a config as
+``data.path: zimagekit.shapes.teacher:scenes``), encoded once into the latent cache like any
+user's images. This module adds what only the shapes world has: its GenEval-style evaluation
+(in :mod:`zimagekit.shapes.evaluation`) and the single- vs dual-stream comparison.
 
-    python -m zimagekit.shapes.teacher train --config configs/shapes/teacher.yaml [key=value ...]
-    python -m zimagekit.shapes.teacher export runs/shapes-teacher OUT_FOLDER
+    zimagekit train --config configs/shapes/teacher.yaml [key=value ...]      # or: shapes teacher train
+    zimagekit train export runs/shapes-teacher OUT_FOLDER                    # or: shapes teacher export
     python -m zimagekit.shapes.teacher evaluate MODEL_FOLDER --steps 50 --cfg-scale 3 --out docs/...
     python -m zimagekit.shapes.teacher curve runs/shapes-teacher MODEL_FOLDER --out docs/...
-    python -m zimagekit.shapes.teacher render runs/shapes-scenes --scenes 50000   # a dataset for zimagekit train
-
-Both encoders are frozen, so the training set is encoded once and cached: scene i is
-``world.sample_scene(seed + i)``, its latent is the VAE posterior mean (scaled like the
-pipeline does), its caption feature is the text encoder's ``hidden_states[-2]``.
+    python -m zimagekit.shapes.teacher render runs/shapes-scenes --scenes 50000   # PNGs for other trainers
 """
 
 from __future__ import annotations
@@ -22,116 +20,20 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..algorithms.flow_matching import FlowMatching, FlowMatchingConfig
-from ..cli.runs import add_run_commands
 from ..errors import ZImageKitError, exit_code
+from ..fileio import atomic_folder
+from ..image_training import ZImageTrainConfig, build_transformer, encoded_data, open_folder
 from ..runconfig import load_config
-from ..s3dit import S3DiT
-from ..trainer import IndexDataSource, Trainer, load_trained, seed_everything
-from ..vae_codec import scale_latents, to_vae_input
-from ..fileio import atomic_folder, atomic_write
 from . import world
 from .evaluation import data_eval_set, evaluate_folder, format_metrics, learning_curve, measure, write_curves
 
-IMAGE_SIZE = world.CANVAS
-
-
-@dataclass
-class SceneData:
-    """Where the frozen encoders come from and which scenes make the training set."""
-
-    vae: str = "models/shapes-vae"
-    text_encoder: str = "models/shapes/text_encoder"
-    tokenizer: str = "models/shapes/tokenizer"
-    scenes: int = 20_000
-    seed: int = 0
-    cache_dir: str = "runs/cache"
-
-    def __post_init__(self):
-        if self.scenes < 1 or self.seed < 0:
-            raise ZImageKitError(f"data.scenes must be >= 1 and data.seed >= 0, got {self.scenes} and {self.seed}")
-
-
-@dataclass
-class TeacherSection:
-    """The transformer's stream structure, how the sample grid is drawn, and the sampling
-    defaults the exported folder records."""
-
-    # "dual_stream" trains the MMDiT-style counterfactual of zimagekit.dual_stream (same
-    # embedders, token layout and final layer; model.n_layers dual blocks, no refiners) on
-    # the same data, for the single- vs dual-stream comparison. It has no Z-Image folder
-    # layout, so it is evaluated from its run directory (``curve --architecture``).
-    architecture: Literal["single_stream", "dual_stream"] = "single_stream"
-    # A Z-Image folder (or its transformer/ folder) whose transformer starts the run instead
-    # of a random init: how a later session continues the shipped teacher (a fresh
-    # optimizer; the shipped weights are the EMA). Its config must equal ``model``.
-    init: str | None = None
-    steps: int = 30
-    guidance_scale: float = 3.0
-
-
-def build_transformer(cfg: "TeacherConfig") -> S3DiT:
-    """The transformer of the config's architecture: freshly initialised, or with the
-    weights of ``teacher.init``."""
-    if cfg.teacher.architecture == "dual_stream":
-        from ..dual_stream import DualStreamDiT
-
-        if cfg.teacher.init is not None:
-            raise ZImageKitError("teacher.init loads a Z-Image (single-stream) transformer; a dual_stream run "
-                                 "starts from scratch")
-        return DualStreamDiT(cfg.model)
-    model = S3DiT(cfg.model)
-    if cfg.teacher.init is not None:
-        folder = Path(cfg.teacher.init)
-        start = S3DiT.from_pretrained(folder / "transformer" if (folder / "transformer").is_dir() else folder)
-        if start.config != cfg.model:
-            raise ZImageKitError(f"teacher.init={folder} holds a transformer with config {start.config}, not the "
-                                 f"run's model section; copy its transformer/config.json values into model")
-        model.load_state_dict(start.state_dict())
-    return model
-
-
-@dataclass
-class TeacherConfig(FlowMatchingConfig):
-    data: SceneData = field(default_factory=SceneData)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-
-
-# ----------------------------------------------------------------------------------------
-# Frozen encoders and the cached training set
-# ----------------------------------------------------------------------------------------
-
-
-def load_encoders(data: SceneData, device: torch.device | str = "cpu"):
-    """The shapes VAE and text encoder, frozen, fp32, on ``device``."""
-    from ..autoencoder import AutoencoderKL
-    from ..text_encoder import Qwen3TextEncoder
-
-    for what, path in (("vae", data.vae), ("text_encoder", data.text_encoder), ("tokenizer", data.tokenizer)):
-        if not Path(path).is_dir():
-            raise ZImageKitError(f"data.{what}: no folder {path}; train it first (see README, 'Shapes world')")
-    vae = AutoencoderKL.from_pretrained(data.vae, dtype=torch.float32, device=device).requires_grad_(False)
-    text = Qwen3TextEncoder.from_pretrained(data.text_encoder, data.tokenizer, dtype=torch.float32, device=device)
-    return vae, text
-
-
-def _fingerprint(data: SceneData) -> str:
-    """Cache key: the scene range and the bytes of both encoders' weights and configs."""
-    h = hashlib.sha256(f"{data.scenes}:{data.seed}:{world.CANVAS}".encode())
-    for folder in (data.vae, data.text_encoder, data.tokenizer):
-        for f in sorted(Path(folder).iterdir()):
-            if f.is_file():
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+TEACHER_SCENES = 1_000_000  # scene i of the teacher's data is world.sample_scene(TEACHER_SCENES + i): disjoint
+# from the VAE's training scenes
 
 
 def _render_range(seeds: range) -> tuple[list[str], np.ndarray]:
@@ -154,10 +56,50 @@ def render_scenes(seeds: range, chunk: int = 2000) -> tuple[list[str], np.ndarra
     return [c for captions, _ in results for c in captions], np.concatenate([px for _, px in results])
 
 
+class SceneDataset:
+    """Scenes ``seed .. seed + count - 1`` of the world as a dataset of the latent cache
+    (:class:`zimagekit.datasets.CaptionedImages`). Nothing is drawn until the cache asks for
+    captions or images; then every scene is drawn and rendered at once, over all cores."""
+
+    skipped = 0
+
+    def __init__(self, count: int, seed: int = TEACHER_SCENES):
+        if count < 1 or seed < 0:
+            raise ZImageKitError(f"scenes: count must be >= 1 and seed >= 0, got {count} and {seed}")
+        self.count, self.seed = count, seed
+        self._rendered = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _scenes(self) -> tuple[list[str], np.ndarray]:
+        if self._rendered is None:
+            self._rendered = render_scenes(range(self.seed, self.seed + self.count))
+        return self._rendered
+
+    def captions(self) -> list[str]:
+        return self._scenes()[0]
+
+    def load(self, i: int):
+        from PIL import Image
+
+        captions, pixels = self._scenes()
+        return Image.fromarray(pixels[i]), captions[i]
+
+    def identity(self):
+        """The scene range and the world's code: a changed world is a new dataset."""
+        yield ["shapes", self.seed, self.count, hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()]
+
+
+def scenes(count: int) -> SceneDataset:
+    """The teacher's training scenes, for ``data.path: zimagekit.shapes.teacher:scenes``."""
+    return SceneDataset(count)
+
+
 def render_dataset(out: Path, scenes: int, seed: int) -> None:
     """Scenes ``seed .. seed + scenes - 1`` as PNGs under ``out/images/`` with their captions in
-    ``out/metadata.jsonl`` (Hugging Face imagefolder layout): the shapes world as a dataset any
-    image-caption trainer reads, ``zimagekit train`` included."""
+    ``out/metadata.jsonl`` (Hugging Face imagefolder layout): the shapes world as files that
+    any image-caption trainer reads."""
     import json
 
     from PIL import Image
@@ -175,113 +117,15 @@ def render_dataset(out: Path, scenes: int, seed: int) -> None:
         (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
-@torch.no_grad()
-def encode_scenes(data: SceneData, vae, text, batch: int = 64) -> dict[str, torch.Tensor]:
-    """Latents (N, C, h, w) and caption features of scenes ``seed .. seed + N - 1``, cached in
-    ``data.cache_dir`` under a key of the encoders' bytes, so a retrained encoder never
-    reuses stale latents. Captions repeat a lot in this world: each distinct one is encoded once.
-    The encoders run where they are; the returned tensors are on the CPU."""
-    path = Path(data.cache_dir) / f"shapes-{_fingerprint(data)}.safetensors"
-    if path.exists():
-        return load_file(str(path))
-    scene_captions, pixels = render_scenes(range(data.seed, data.seed + data.scenes))
-    captions = sorted(set(scene_captions))
-    feats = text.encode(captions)
-    which = {c: i for i, c in enumerate(captions)}
-    cfg = vae.config
-    latents = []
-    for i in range(0, len(pixels), batch):
-        x = to_vae_input(torch.from_numpy(pixels[i : i + batch]).permute(0, 3, 1, 2)).to(vae.device)
-        latents.append(scale_latents(vae.encode(x).latent_dist.mean, cfg).cpu())
-    out = {
-        "latents": torch.cat(latents).contiguous(),
-        "caption_index": torch.tensor([which[c] for c in scene_captions]),
-        "caption_lengths": torch.tensor([len(f) for f in feats]),
-        "caption_features": torch.cat([f.float().cpu() for f in feats]).contiguous(),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: save_file(out, str(p)))
-    return out
-
-
-def data_source(encoded: dict[str, torch.Tensor], batch_size: int, seed: int) -> IndexDataSource:
-    feats = list(encoded["caption_features"].split(encoded["caption_lengths"].tolist()))
-    latents, caption_of = encoded["latents"], encoded["caption_index"].tolist()
-
-    def make_batch(idx):
-        return {"latents": latents[idx].unsqueeze(2), "captions": [feats[caption_of[i]] for i in idx]}
-
-    return IndexDataSource(make_batch, len(latents), batch_size, seed=seed)
-
-
-def make_sampler(vae, text, schedule, steps: int, guidance_scale: float):
-    """``sampler(model, prompts, seeds)`` for the trainer's grid: the real pipeline around the
-    model being trained."""
-    from ..pipeline import ZImagePipeline
-
-    def sample(model, prompts, seeds):
-        pipe = ZImagePipeline(model, vae, text, schedule)
-        return [pipe(p, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps, guidance_scale=guidance_scale,
-                     seed=s, progress=False)[0] for p, s in zip(prompts, seeds)]
-
-    return sample
-
-
-# ----------------------------------------------------------------------------------------
-# Commands
-# ----------------------------------------------------------------------------------------
-
-
-def train(cfg: TeacherConfig) -> Path:
-    """Train on CUDA when present (one process), else on the CPU."""
-    from ..pipeline import resolve_device
-
-    seed_everything(cfg.run.seed)
-    device = resolve_device(None)
-    vae, text = load_encoders(cfg.data, device)
-    cfg.model.check_encoders(text.model.config.hidden_size, vae.config.latent_channels)
-    encoded = {k: v.to(device) for k, v in encode_scenes(cfg.data, vae, text).items()}
-    tokens = (cfg.model.image_tokens(*encoded["latents"].shape[-2:]), int(encoded["caption_lengths"].float().mean()))
-    model = build_transformer(cfg).to(device)
-    sampler = make_sampler(vae, text, cfg.flow.schedule, cfg.teacher.steps, cfg.teacher.guidance_scale)
-    # forward_flops counts S3-DiT's layout; the dual-stream run logs no MFU.
-    tokens = tokens if cfg.teacher.architecture == "single_stream" else None
-    algorithm = FlowMatching(model, cfg.flow, text.encode([""])[0].float(), sampler, tokens_per_sample=tokens)
-    trainer = Trainer(cfg, algorithm, data_source(encoded, cfg.train.batch_size, cfg.data.seed))
-    trainer.fit()
-    return trainer.run_dir
-
-
-def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
-    """Write the run's latest transformer (EMA weights by default, stored in bf16) with the
-    encoders it was trained on as a Z-Image folder (model_index.json, transformer/,
-    text_encoder/, tokenizer/, vae/, scheduler/), recording the sampling defaults in
-    model_index.json."""
-    from ..pipeline import ZImagePipeline
-
-    cfg = load_config(TeacherConfig, run_dir / "config.yaml")
-    if cfg.teacher.architecture != "single_stream":
-        raise ZImageKitError(f"{run_dir} trained a {cfg.teacher.architecture} model, which has no Z-Image folder "
-                             f"layout; evaluate its checkpoints with `curve` instead")
-    model = S3DiT(cfg.model)
-    load_trained(run_dir, "transformer", model, use_ema)
-    vae, text = load_encoders(cfg.data)
-    defaults = {"num_inference_steps": cfg.teacher.steps, "guidance_scale": cfg.teacher.guidance_scale,
-                "height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    # bf16 storage halves the shipped size. The VAE's weights are bf16 values already (see
-    # zimagekit.shapes.vae.export), so its copy is exact.
-    with atomic_folder(out) as tmp:
-        ZImagePipeline(model, vae, text, cfg.flow.schedule, defaults=defaults).save_pretrained(tmp, torch.bfloat16)
-
-
-def training_flops_per_sample(cfg: TeacherConfig, encoded: dict[str, torch.Tensor], batch: int = 16) -> float:
+def training_flops_per_sample(cfg: ZImageTrainConfig, batch: int = 16) -> float:
     """FLOPs of one flow-matching training step (forward and backward) per sample, as
-    PyTorch's FLOP counter (matmuls and attention) counts them on the first ``batch``
-    cached training samples: the one yardstick both stream structures are measured with."""
+    PyTorch's FLOP counter (matmuls and attention) counts them on the first ``batch`` items
+    of the run's latent cache: the one yardstick both stream structures are measured with."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_transformer(cfg)
-    item = data_source(encoded, batch, 0).make_batch(list(range(batch)))
+    folder = open_folder(cfg)
+    model = build_transformer(cfg, folder)
+    item = encoded_data(cfg, folder, "cpu").batch(list(range(batch)), "cpu")
     with FlopCounterMode(display=False) as counter:
         pred = model(item["latents"], torch.full((batch,), 0.5), item["captions"])
         pred.float().square().mean().backward()
@@ -289,12 +133,12 @@ def training_flops_per_sample(cfg: TeacherConfig, encoded: dict[str, torch.Tenso
 
 
 def run_curve(run_dir: Path, pipe, group: str, steps: int, guidance_scale: float, images_per_prompt: int,
-              combos: str = "held_out") -> tuple["TeacherConfig", list[dict]]:
+              combos: str = "held_out") -> tuple[ZImageTrainConfig, list[dict]]:
     """The run's config and :func:`learning_curve` of its checkpoints, sampled through ``pipe``'s
     encoders and schedule with a transformer built from the run's own config (single- or
     dual-stream, whatever the folder's transformer is)."""
-    cfg = load_config(TeacherConfig, run_dir / "config.yaml")
-    pipe.transformer = build_transformer(cfg).eval()
+    cfg = load_config(ZImageTrainConfig, run_dir / "config.yaml")
+    pipe.transformer = build_transformer(cfg, open_folder(cfg)).eval()
     return cfg, learning_curve(run_dir, pipe, group, steps, guidance_scale, images_per_prompt, combos)
 
 
@@ -316,9 +160,8 @@ def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidan
     curves, facts = {}, {}
     for run_dir in run_dirs:
         cfg, rows = run_curve(run_dir, pipe, "transformer", steps, guidance_scale, images_per_prompt, combos)
-        vae, text = load_encoders(cfg.data)
-        flops = training_flops_per_sample(cfg, encode_scenes(cfg.data, vae, text))
-        name = f"{cfg.teacher.architecture} ({run_dir.name})"
+        flops = training_flops_per_sample(cfg)
+        name = f"{cfg.architecture} ({run_dir.name})"
         for r in rows:
             r["training_flops"] = r["step"] * cfg.train.batch_size * cfg.train.grad_accum_steps * flops
         curves[name] = rows
@@ -354,14 +197,16 @@ def compare_streams(run_dirs: list[Path], model_folder: Path, steps: int, guidan
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zimagekit.shapes.teacher", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_run_commands(sub, "flow-matching pre-training of the shapes teacher",
-                     "write a run's EMA transformer + encoders as a Z-Image model folder")
-    r = sub.add_parser("render", help="write scenes as an image folder with metadata.jsonl, the dataset layout "
-                       "`zimagekit train` reads (configs/shapes/teacher-train.yaml)")
+    # Listed for --help; both are handed to `zimagekit train` before parsing.
+    sub.add_parser("train", add_help=False, help="flow-matching training: `zimagekit train` (--config "
+                   "configs/shapes/teacher.yaml)")
+    sub.add_parser("export", add_help=False, help="a run as a Z-Image folder: `zimagekit train export`")
+    r = sub.add_parser("render", help="write scenes as an image folder with metadata.jsonl, for trainers that read "
+                       "files (zimagekit train reads the world directly: data.path: zimagekit.shapes.teacher:scenes)")
     r.add_argument("out", type=Path, help="the folder to write (replaced if it exists)")
     r.add_argument("--scenes", type=int, default=50_000, help="how many scenes (default 50000)")
-    r.add_argument("--seed", type=int, default=1_000_000, help="scene i is world.sample_scene(seed + i) "
-                   "(default 1000000, the teacher's)")
+    r.add_argument("--seed", type=int, default=TEACHER_SCENES, help="scene i is world.sample_scene(seed + i) "
+                   f"(default {TEACHER_SCENES}, the teacher's)")
     v = sub.add_parser("evaluate", help="judge a model folder on the held-out eval prompts")
     v.add_argument("model", type=Path, help="a Z-Image model folder")
     v.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
@@ -392,17 +237,17 @@ def main(argv=None) -> int:
         p.add_argument("--prompts", choices=world.PROMPT_SETS, default="held_out",
                        help="held_out: the eval prompts, which name held-out colour-shape pairs (default); seen: "
                        "their twin naming only training pairs, to tell unlearnt from ungeneralised")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "export"):
+        from ..cli import train as train_cli
+
+        return train_cli.main(argv)
     args = parser.parse_args(argv)
 
     def run():
-        if args.command == "train":
-            print(f"run directory: {train(load_config(TeacherConfig, args.config, args.overrides))}")
-        elif args.command == "render":
+        if args.command == "render":
             render_dataset(args.out, args.scenes, args.seed)
             print(f"wrote {args.scenes} scenes to {args.out}")
-        elif args.command == "export":
-            export(args.run_dir, args.out, use_ema=not args.no_ema)
-            print(f"wrote {args.out}")
         elif args.command == "streams":
             compare_streams(args.runs, args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out,
                             args.prompts)
