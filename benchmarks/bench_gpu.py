@@ -101,14 +101,9 @@ def twin_models(cfg: S3DiTConfig, device, dtype):
 
 
 def compile_blocks(model) -> None:
-    """Regional compilation: each transformer block compiled (one graph per block type). Not
-    ``fullgraph``: a graph break then costs speed, not the whole run."""
-    if hasattr(model, "compile_repeated_blocks"):
-        model.compile_repeated_blocks()
-        return
-    for module in model.modules():
-        if type(module).__name__ == "TransformerBlock":
-            module.compile()
+    """Regional compilation, both models' ``compile_repeated_blocks`` (one graph per block
+    type). Not ``fullgraph``: a graph break then costs speed, not the whole run."""
+    model.compile_repeated_blocks()
 
 
 def part_forward(cfg, clock, dtype, side, repeats, peak, do_compile) -> list[dict]:

@@ -73,6 +73,24 @@ def test_generate_writes_the_reference_image_with_metadata(tiny_model_dir, refer
     assert params["prompt"] == "a photo of a cat" and params["seed"] == 9 and params["width"] == 96
 
 
+def test_compile_flag_compiles_every_block_and_changes_no_pixel(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from zimagekit.s3dit import S3DiT
+
+    compiled = []
+    original = S3DiT.compile_repeated_blocks
+
+    def aot_eager(self, **kwargs):  # inductor's code generation takes minutes on this CPU
+        compiled.append(self)
+        original(self, backend="aot_eager")
+
+    monkeypatch.setattr(S3DiT, "compile_repeated_blocks", aot_eager)
+    for name, flags in (("eager.png", ()), ("compiled.png", ("--compile",))):
+        assert run(generate(tiny_model_dir, "a cat", "-s", "2", "--dtype", "fp32", "-o", tmp_path / name, *flags),
+                   capsys)[0] == 0
+    assert len(compiled) == 1
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "eager.png")), np.asarray(Image.open(tmp_path / "compiled.png")))
+
+
 def test_several_images_follow_the_pattern_and_use_consecutive_seeds(tiny_model_dir, reference_pipe, tmp_path, capsys):
     status, _, _ = run(
         generate(tiny_model_dir, "-p", "a dog", "--num-images", "2", "-s", "4", "-o", tmp_path / "dog_%03d.png"), capsys

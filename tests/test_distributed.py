@@ -146,7 +146,7 @@ def test_fsdp2_shards_every_block_and_the_root_with_bf16_params_and_fp32_gradien
                                   axes_dims=(4, 6, 6), axes_lens=(128, 16, 16)))
         parallel.parallelize_s3dit(model, parallel.ParallelConfig(strategy="fsdp"), precision="bf16")
         assert isinstance(model, FSDPModule)
-        assert all(isinstance(b, FSDPModule) for b in parallel.transformer_blocks(model))
+        assert all(isinstance(b, FSDPModule) for b in model.repeated_blocks())
         seen = []
         model.layers[0].attention.qkv.register_forward_hook(lambda m, i, o: seen.append(m.weight.dtype))
         out = model(torch.randn(2, 16, 1, 4, 4), torch.rand(2), torch.randn(2, 5, 16))

@@ -174,7 +174,7 @@ def test_gradient_checkpointing_gives_the_plain_models_gradients_and_compile_wra
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))  # inductor: ~80 s
     parallel.parallelize_s3dit(model, parallel.ParallelConfig(gradient_checkpointing=True, compile=True), "fp32")
-    assert compiled == parallel.transformer_blocks(model)
+    assert compiled == model.repeated_blocks()
     x, t, c = torch.randn(2, 16, 1, 4, 4), torch.rand(2), torch.randn(2, 5, 16)
     for m in (model, plain):
         m(x, t, c).square().mean().backward()

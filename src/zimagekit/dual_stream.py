@@ -54,6 +54,9 @@ class DualStreamDiT(S3DiT):
         del self.noise_refiner, self.context_refiner, self.layers
         self.layers = nn.ModuleList([DualStreamBlock(config) for _ in range(config.n_layers)])
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
     def trunk(self, img, cap, c, lay):
         """Dual-stream blocks over both streams, joint attention; the image rows' hidden states."""
         mask = self._joint_mask(lay, img.shape[1], cap.shape[1])

@@ -129,6 +129,16 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return (t / world_size()).tolist()
 
 
+def min_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of ``t`` over the processes, on ``t``'s device (``t`` itself in
+    a single process)."""
+    if not distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 # ----------------------------------------------------------------------------------------
 # Full tensors out, shards back in
 # ----------------------------------------------------------------------------------------
@@ -138,6 +148,17 @@ def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def fused_optimizer_ok(params) -> bool:
+    """Whether torch's fused AdamW may update ``params``: in one process, or on CUDA for
+    parameters that FSDP2 does not shard. torch 2.13's fused CPU kernel crashes under
+    torchrun (sharded or not), and no fused sharded update is tested here; those take the
+    foreach update."""
+    params = list(params)
+    if not distributed():
+        return True
+    return all(p.device.type == "cuda" and not _is_dtensor(p) for p in params)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -231,11 +252,6 @@ def load_module_state(module: nn.Module, state: dict[str, torch.Tensor] | None) 
 # ----------------------------------------------------------------------------------------
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The S3-DiT's blocks in execution order: FSDP2's and compile's unit."""
-    return [*model.noise_refiner, *model.context_refiner, *model.layers]
-
-
 def parallelize_s3dit(model: nn.Module, cfg: ParallelConfig, precision: str, lora: nn.Module | None = None) -> None:
     """Apply ``cfg``'s levers to ``model`` in place, for one process or for every rank of the
     process group (see the module docstring). ``lora``: the adapters being trained on the
@@ -243,8 +259,7 @@ def parallelize_s3dit(model: nn.Module, cfg: ParallelConfig, precision: str, lor
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing = True
     if cfg.compile:
-        for block in transformer_blocks(model):
-            block.compile()
+        model.compile_repeated_blocks()
     if not distributed():
         return
     from torch.distributed.device_mesh import init_device_mesh
@@ -256,7 +271,7 @@ def parallelize_s3dit(model: nn.Module, cfg: ParallelConfig, precision: str, lor
 
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if precision == "bf16" else MixedPrecisionPolicy())
-        for block in transformer_blocks(model):
+        for block in model.repeated_blocks():
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     elif lora is None:
