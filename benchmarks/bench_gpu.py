@@ -18,9 +18,10 @@ Every model has random weights; ours and diffusers' share them. Parts:
 3. **generate**: Qwen3-4B-shaped text encoding of a 120-token prompt, 8 forwards at 1024²
    and the Flux VAE's decode, through ``ZImagePipeline`` (``tiny``: small components).
 4. **train**: samples/s and MFU (3 x forward FLOPs per sample / peak) of a bf16-autocast
-   flow-matching step (forward, backward, AdamW) for the shapes teacher's config at batch 512
-   and for rank-64 LoRA on the ``--preset`` config at 1024², batch 1, with gradient
-   checkpointing.
+   training step (forward, backward, AdamW) in a bare loop, for the shapes teacher's config
+   at batch 512 and for rank-64 LoRA on the ``--preset`` config at 1024², batch 1, with
+   gradient checkpointing; and for the shapes teacher, zimagekit's ``Trainer`` running flow
+   matching (EMA, clipping, logs) on data already on the device, as its log line measures it.
 
 One table per part. ``--parts`` picks some; ``--json FILE`` also writes the numbers.
 """
@@ -201,7 +202,8 @@ def part_train(cfg, clock, dtype, side, repeats, peak, tiny) -> list[dict]:
 
     rows = []
     for name, model_cfg, batch, hw, lora_rank in [
-        ("shapes teacher, batch 512, 64x64", S3DiTConfig(**SHAPES_TEACHER), 512 if not tiny else 32, 8, None),
+        (f"shapes teacher, batch {32 if tiny else 512}, 64x64", S3DiTConfig(**SHAPES_TEACHER), 32 if tiny else 512, 8,
+         None),
         (f"LoRA r64 on the {'tiny' if tiny else '6B'} config, batch 1, {side}x{side}, checkpointing", cfg, 1,
          side // 8, 64),
     ]:
@@ -229,8 +231,43 @@ def part_train(cfg, clock, dtype, side, repeats, peak, tiny) -> list[dict]:
 
         seconds = clock.median(step, repeats)
         flops = 3 * forward_flops(model_cfg, [(hw // 2) ** 2] * batch, [30] * batch)
-        rows.append({"setup": name, "samples_per_s": batch / seconds, "mfu": flops / seconds / peak})
+        rows.append({"setup": f"{name}: a bare loop", "samples_per_s": batch / seconds, "mfu": flops / seconds / peak})
+        if lora_rank is None:
+            speed = trainer_speed(model_cfg, batch, hw, clock.device, dtype, repeats)
+            rows.append({"setup": f"{name}: zimagekit's Trainer (flow matching, EMA, clipping, logs)",
+                         "samples_per_s": speed, "mfu": flops / batch * speed / peak})
     return rows
+
+
+def trainer_speed(model_cfg, batch: int, hw: int, device, dtype, repeats: int) -> float:
+    """Samples/s of ``zimagekit.trainer.Trainer`` running flow matching on data already on the
+    device (as ``data.preload`` holds it), as its own log line measures them over the last
+    ``repeats`` updates (after as many for warm-up)."""
+    import csv
+    import tempfile
+
+    from zimagekit.algorithms.flow_matching import FlowMatching, FlowMatchingConfig
+    from zimagekit.runconfig import load_config
+    from zimagekit.trainer import IndexDataSource, Trainer
+
+    torch.manual_seed(0)
+    model = S3DiT(model_cfg).to(device)
+    g = torch.Generator().manual_seed(1)
+    size = 4 * batch
+    latents = torch.randn(size, model_cfg.in_channels, 1, hw, hw, generator=g).to(device)
+    captions = [torch.randn(30, model_cfg.cap_feat_dim, generator=g).to(device) for _ in range(size)]
+    data = IndexDataSource(lambda idx: {"latents": latents[idx], "captions": [captions[i] for i in idx]},
+                           size, batch)
+    with tempfile.TemporaryDirectory() as root:
+        cfg = load_config(FlowMatchingConfig, None, [
+            f"run.dir={root}", "run.name=bench", f"train.steps={2 * repeats}", f"train.batch_size={batch}",
+            f"train.log_every={repeats}", "train.ckpt_every=0", "train.progress=false",
+            f"train.precision={'bf16' if dtype == torch.bfloat16 else 'fp32'}"])
+        algorithm = FlowMatching(model, cfg.flow, torch.zeros(1, model_cfg.cap_feat_dim, device=device))
+        trainer = Trainer(cfg, algorithm, data)
+        trainer.fit()  # its final checkpoint is written after the last log line's window
+        with open(f"{root}/bench/metrics.csv") as fh:
+            return float(list(csv.DictReader(fh))[-1]["samples_per_s"])
 
 
 def main(argv=None) -> int:

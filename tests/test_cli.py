@@ -91,6 +91,20 @@ def test_compile_flag_compiles_every_block_and_changes_no_pixel(tiny_model_dir, 
     assert np.array_equal(np.asarray(Image.open(tmp_path / "eager.png")), np.asarray(Image.open(tmp_path / "compiled.png")))
 
 
+def test_vae_tiling_flag_decodes_as_diffusers_tiled_vae(tiny_model_dir, reference_pipe, tmp_path, capsys):
+    out = tmp_path / "tiled.png"
+    assert run(generate(tiny_model_dir, "a cat", "-s", "5", "-W", "128", "-H", "96", "--vae-tiling", "-o", out),
+               capsys)[0] == 0
+    vae = reference_pipe.vae
+    vae.enable_tiling()  # tiles of the tiny VAE's 64 px sample_size: 2 x 2 tiles here
+    try:
+        expected = reference_pipe(prompt="a cat", guidance_scale=0.0, height=96, width=128, num_inference_steps=3,
+                                  generator=torch.Generator().manual_seed(5)).images[0]
+    finally:
+        vae.disable_tiling()
+    assert_same_pixels(out, expected)
+
+
 def test_several_images_follow_the_pattern_and_use_consecutive_seeds(tiny_model_dir, reference_pipe, tmp_path, capsys):
     status, _, _ = run(
         generate(tiny_model_dir, "-p", "a dog", "--num-images", "2", "-s", "4", "-o", tmp_path / "dog_%03d.png"), capsys

@@ -8,7 +8,9 @@ generating an image does not import diffusers (about 0.4 s, and with it ``torch.
 
 Its interface is the part of diffusers' that callers use: ``encode(x).latent_dist`` (a
 diagonal Gaussian with ``mean``, ``std``, ``sample``), ``decode(z).sample``, ``config``,
-``dtype``, ``save_pretrained``.  A diffusers ``AutoencoderKL`` therefore works wherever this
+``dtype``, ``save_pretrained``, and ``enable_tiling()``: diffusers' tiled encode and decode
+(tiles of ``config.sample_size`` pixels overlapping by a quarter, blended linearly), which
+bounds the memory of a large image at the cost of faint seams.  A diffusers ``AutoencoderKL`` therefore works wherever this
 one does (the shapes VAE trainer trains diffusers' class and hands it to the latent cache).
 
 Structure (encoder; the decoder mirrors it with one more resnet per block and nearest 2×
@@ -54,6 +56,7 @@ class AutoencoderConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    sample_size: int = 32  # the tile side in pixels, when tiling is enabled
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -83,6 +86,11 @@ class AutoencoderConfig:
         if not channels or not all(isinstance(c, int) and c > 0 for c in channels):
             raise ZImageKitError(f"{source}: block_out_channels must be a list of positive integers, got {channels!r}")
         values["block_out_channels"] = tuple(channels)
+        size = raw.get("sample_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) and size else size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ZImageKitError(f"{source}: sample_size must be a positive integer, got {raw.get('sample_size')!r}")
+        values["sample_size"] = size
         return cls(**values, raw=dict(raw))
 
     def to_dict(self) -> dict:
@@ -274,6 +282,18 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(c2, c2, 1) if config.use_quant_conv else None
         self.post_quant_conv = (nn.Conv2d(config.latent_channels, config.latent_channels, 1)
                                 if config.use_post_quant_conv else None)
+        # Tiling, off by default; the names and defaults are diffusers'.
+        self.use_tiling = False
+        self.tile_sample_min_size = config.sample_size
+        self.tile_latent_min_size = config.sample_size // 2 ** (len(config.block_out_channels) - 1)
+        self.tile_overlap_factor = 0.25
+
+    def enable_tiling(self) -> None:
+        """Encode and decode images larger than ``tile_sample_min_size`` pixels tile by tile."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -283,18 +303,48 @@ class AutoencoderKL(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.conv_in.weight.device
 
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def _pixels(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
+
     def encode(self, x: torch.Tensor) -> Encoded:
         """Pixels in [−1, 1], (N, 3, H, W) → the posterior over latents (N, C, H/f, W/f)."""
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return Encoded(DiagonalGaussian(moments))
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return Encoded(DiagonalGaussian(self._tiled(self._moments, x, self.tile_sample_min_size,
+                                                        self.tile_latent_min_size)))
+        return Encoded(DiagonalGaussian(self._moments(x)))
 
     def decode(self, z: torch.Tensor) -> Decoded:
         """Latents (unscaled) → pixels in about [−1, 1]."""
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return Decoded(self.decoder(z))
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return Decoded(self._tiled(self._pixels, z, self.tile_latent_min_size, self.tile_sample_min_size))
+        return Decoded(self._pixels(z))
+
+    def _tiled(self, fn, x: torch.Tensor, tile_in: int, tile_out: int) -> torch.Tensor:
+        """``fn`` over tiles of ``tile_in`` cells of ``x`` (each giving ``tile_out`` cells) that
+        overlap by ``tile_overlap_factor``: each output tile is blended linearly into its upper
+        and left neighbours over ``tile_out * overlap`` cells and cut to its stride. As
+        diffusers' ``tiled_decode``/``_tiled_encode``, which the tests hold it equal to."""
+        stride = int(tile_in * (1 - self.tile_overlap_factor))
+        blend = int(tile_out * self.tile_overlap_factor)
+        keep = tile_out - blend
+        tiles = [[fn(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], stride)]
+                 for i in range(0, x.shape[2], stride)]
+        rows = []
+        for i, row in enumerate(tiles):
+            out = []
+            for j, tile in enumerate(row):
+                if i > 0:
+                    tile = _blend(tiles[i - 1][j], tile, blend, dim=2)
+                if j > 0:
+                    tile = _blend(row[j - 1], tile, blend, dim=3)
+                row[j] = tile  # the blended tile is the left neighbour of the next
+                out.append(tile[:, :, :keep, :keep])
+            rows.append(torch.cat(out, dim=3))
+        return torch.cat(rows, dim=2)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
@@ -330,3 +380,19 @@ class AutoencoderKL(nn.Module):
         tensors = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items()}
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """``b`` with its first ``extent`` rows (``dim`` 2) or columns (3) faded in from the last ones
+    of ``a``: weight y / extent on ``b``'s row y. The weights are computed in float64 and
+    rounded once, as diffusers' per-row Python scalars are."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return b
+    w = torch.arange(extent, dtype=torch.float64) / extent
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    w_b = w.to(b.dtype).to(b.device).view(shape)
+    w_a = (1 - w).to(b.dtype).to(b.device).view(shape)
+    head = a.narrow(dim, a.shape[dim] - extent, extent) * w_a + b.narrow(dim, 0, extent) * w_b
+    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)

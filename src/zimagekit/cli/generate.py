@@ -150,6 +150,9 @@ def add_generate(commands) -> None:
     g.add_argument("--fp8", action="store_true",
                    help="store the transformer blocks' weights as fp8 e4m3 with per-row scales (half of bf16's "
                    "memory; dequantized per layer at each step)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="decode (and encode an init image) in overlapping tiles of the VAE's sample_size, as "
+                   "diffusers' vae.enable_tiling(): bounded memory for large images, faint seams possible")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional compilation; the first image waits for the "
                    "compiler, later steps and images run faster: worth it on a GPU for many images)")
@@ -380,6 +383,8 @@ def _generate(args) -> int:
             lora = LoRA.load(pipe.transformer, path, scale)
             if lora.mergeable:  # quantized layers keep the adapters as hooks
                 lora.merge()
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
     if args.compile:  # after the LoRAs merge, so the compiled blocks hold the final weights
         pipe.transformer.compile_repeated_blocks()
 
