@@ -26,8 +26,9 @@ CFG = S3DiTConfig(dim=256, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads
 # per type: the documented tolerance (README, "Quantized weights"), with headroom over what
 # these tests measure.
 # Measured 2026-12-04: Q8_0 0.010, Q5_K 0.071, Q4_K 0.134, Q4_0 0.169 (K-quants from the simple
-# quantizer below; llama.cpp's searches its grids and does better), fp8 0.037.
-TOLERANCE = {"Q8_0": 0.02, "Q5_K": 0.1, "Q4_K": 0.2, "Q4_0": 0.25, "fp8": 0.06}
+# quantizer below; llama.cpp's searches its grids and does better), fp8 0.037, fp8 with fp8
+# matmuls 0.043 (2026-12-05).
+TOLERANCE = {"Q8_0": 0.02, "Q5_K": 0.1, "Q4_K": 0.2, "Q4_0": 0.25, "fp8": 0.06, "fp8-matmul": 0.1}
 
 
 def random_blocks(kind: str, n: int, seed: int = 0, d_max: float = 2e-2) -> np.ndarray:
@@ -198,6 +199,32 @@ def test_fp8_weight_only_is_close_and_survives_a_dtype_cast(base):
     assert stored_bytes(model) < 0.6 * stored_bytes(base) / 2  # below half of bf16
 
 
+def test_fp8_matmul_is_the_closed_form_of_two_rowwise_scaled_e4m3_matrices(base):
+    """y = (s_x x8)(s_w w8)ᵀ + b, with x8 and s_x the input's rows scaled to e4m3 by their
+    absmax / 448: computed here in float64 from the same e4m3 values."""
+    import copy
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([torch.nn.Module()])
+    holder.layers[0].proj = linear
+    layer = quantize_fp8(holder, matmul=True).layers[0].proj
+    x = torch.randn(3, 5, 64) * torch.logspace(-2, 2, 64)  # columns of very different sizes
+    rows = x.reshape(-1, 64).double()
+    s_x = rows.abs().amax(dim=1, keepdim=True) / 448
+    x8 = (rows.float() / s_x.float()).to(torch.float8_e4m3fn).double()
+    expected = (x8 * s_x) @ (layer.data.double() * layer.scale.double()).T + linear.bias.double()
+    got = layer(x)
+    assert got.shape == (3, 5, 48)
+    torch.testing.assert_close(got.reshape(-1, 48).double(), expected, rtol=1e-5, atol=1e-5)
+
+    model = quantize_fp8(copy.deepcopy(base), matmul=True)
+    err = max_rel_err(mixed_outputs(model, CFG), mixed_outputs(base, CFG))
+    assert err <= TOLERANCE["fp8-matmul"]
+    assert err > max_rel_err(mixed_outputs(quantize_fp8(copy.deepcopy(base)), CFG), mixed_outputs(base, CFG))
+
+
 def test_bad_gguf_files_are_one_line(tmp_path, base):
     path = tmp_path / "m.gguf"
     write_gguf(path, base.state_dict(), "Q8_0")
@@ -248,6 +275,8 @@ def test_generate_with_a_gguf_transformer_fp8_and_a_lora(tiny_model_dir, tmp_pat
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     assert "Model: " + tiny_model_dir.name + " + t.gguf" in Image.open(out).text["parameters"]
     assert main([*common, "--fp8", "-o", str(tmp_path / "f.png")]) == 0
+    assert main([*common, "--fp8-matmul", "-o", str(tmp_path / "m.png")]) == 0
+    assert "(fp8 matmul)" in Image.open(tmp_path / "m.png").text["parameters"]
     capsys.readouterr()
     assert main([*common, "--transformer", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "x.png")]) == 2
     assert "missing.gguf: no such file" in capsys.readouterr().err

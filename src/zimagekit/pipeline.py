@@ -363,13 +363,15 @@ class ZImagePipeline:
         safetensors file (diffusers or ComfyUI names) or a GGUF file, which stays quantized
         (:mod:`zimagekit.quantized`); a single file is read with the folder's
         ``transformer/config.json``. ``quantize="fp8"`` stores the transformer blocks' linear
-        weights as fp8 e4m3 with per-row scales (half of bf16's memory).
+        weights as fp8 e4m3 with per-row scales (half of bf16's memory); ``"fp8-matmul"`` also
+        multiplies in fp8 (Hopper's fp8 GEMM; see :mod:`zimagekit.quantized`).
 
         ``controlnet``: a Z-Image ControlNet (diffusers folder or released single file, see
         :mod:`zimagekit.controlnet`) for ``control_image``.
         """
-        if quantize not in (None, "fp8"):
-            raise ZImageKitError(f"quantize={quantize!r} is not supported; use 'fp8' (or a GGUF file as transformer)")
+        if quantize not in (None, "fp8", "fp8-matmul"):
+            raise ZImageKitError(f"quantize={quantize!r} is not supported; use 'fp8' or 'fp8-matmul' (or a GGUF file "
+                                 "as transformer)")
         model = ModelFolder.open(folder)
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
@@ -383,11 +385,11 @@ class ZImagePipeline:
                 config = S3DiT.config_class.from_json(own)  # a single file carries no config: the folder's
             # fp8 is quantized on the CPU before the move, so the device never holds the dense weights
             transformer = S3DiT.from_pretrained(transformer or model.component("transformer"), dtype=dtype,
-                                                device="cpu" if quantize == "fp8" else home, config=config)
-        if quantize == "fp8":
+                                                device="cpu" if quantize else home, config=config)
+        if quantize:
             from .quantized import quantize_fp8
 
-            transformer = quantize_fp8(transformer).to(home)
+            transformer = quantize_fp8(transformer, matmul=quantize == "fp8-matmul").to(home)
         transformer.requires_grad_(False).eval()
         vae_dtype = torch.float32 if model.vae_force_upcast else dtype
         with _loading(model, "vae"):

@@ -1,4 +1,5 @@
-"""Quantized transformer weights for small GPUs: GGUF single files and weight-only fp8.
+"""Quantized transformer weights for small GPUs: GGUF single files and fp8 (weight-only, or
+with fp8 matmuls).
 
 A :class:`QuantizedLinear` keeps its weight in the stored format (GGUF blocks, or fp8 e4m3 with
 one scale per output channel) and dequantizes it at each call, just before the matmul, so the
@@ -15,6 +16,13 @@ quantized). Bytes per weight, which :mod:`zimagekit.plan` uses: a block of ``n``
 Key names may be the original/ComfyUI layout (``layers.0.attention.qkv``, ``x_embedder``, with
 or without ``model.diffusion_model.``) or diffusers'; the fused projections (q/k/v, w1/w3) are
 joined row-wise in their stored format when their parts share a type (rows are whole blocks).
+
+fp8 matmuls (``quantize_fp8(model, matmul=True)``) run Hopper's fp8 GEMM instead of
+dequantizing: each call scales the input's rows to e4m3 (absmax / 448, computed on the fly)
+and multiplies the two e4m3 matrices with ``torch._scaled_mm`` and both row-wise scales, the
+scheme torchao calls dynamic float8 activations and weights, per row. torchao's own version
+refuses any device below CUDA compute capability 8.9; torch's kernel also runs on the CPU,
+where the tests hold it to the closed form.
 """
 
 from __future__ import annotations
@@ -128,9 +136,10 @@ class QuantizedLinear(nn.Module):
     """``nn.Linear`` whose weight stays quantized; see the module docstring."""
 
     def __init__(self, data: torch.Tensor, kind: str, shape: tuple[int, int], bias: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, fp8_matmul: bool = False):
         super().__init__()
         self.kind = kind
+        self.fp8_matmul = fp8_matmul  # fp8 only: an e4m3 x e4m3 GEMM instead of dequantizing
         self.out_features, self.in_features = shape
         self.register_buffer("data", data)
         self.register_buffer("scale", scale)
@@ -153,11 +162,24 @@ class QuantizedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul:
+            return self._fp8_matmul(x)
         w = dequantize(self.data, self.kind, (self.out_features, self.in_features), self.scale, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
+    def _fp8_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """y = (s_x x8) (s_w w8)ᵀ + b with x8 = e4m3(x / s_x), s_x = rowwise absmax(x) / 448."""
+        rows = x.reshape(-1, self.in_features)
+        s_x = (rows.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        x8 = (rows.float() / s_x).to(torch.float8_e4m3fn)
+        # data is (out, in) row-major, so its transpose is the column-major operand the kernel wants.
+        y = torch._scaled_mm(x8, self.data.t(), scale_a=s_x, scale_b=self.scale.t(), out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.kind}"
+        return f"{self.in_features}, {self.out_features}, {self.kind}" + (", fp8 matmul" if self.fp8_matmul else "")
 
 
 def stored_bytes(model: nn.Module) -> int:
@@ -286,10 +308,11 @@ def load_gguf(cls, path: Path, dtype: torch.dtype | None = None, device=None, co
 # ---------------------------------------------------------------------------------------------
 
 
-def quantize_fp8(model: nn.Module, blocks_only: bool = True) -> nn.Module:
+def quantize_fp8(model: nn.Module, blocks_only: bool = True, matmul: bool = False) -> nn.Module:
     """Store every linear layer of the transformer blocks (or of the whole model) as fp8 e4m3
     with one fp32 scale per output row (absmax / 448, the format's largest finite value), in
-    place. Compute stays in the input's dtype; the GPU and the CPU both dequantize per call."""
+    place. Compute stays in the input's dtype, each call dequantizing; with ``matmul`` the
+    inputs are quantized too and the product is an fp8 GEMM (see the module docstring)."""
     prefixes = ("layers.", "noise_refiner.", "context_refiner.")
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, nn.Linear) or (blocks_only and not name.startswith(prefixes)):
@@ -300,5 +323,5 @@ def quantize_fp8(model: nn.Module, blocks_only: bool = True) -> nn.Module:
         bias = None if layer.bias is None else layer.bias.detach()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                QuantizedLinear(data, "fp8", tuple(w.shape), bias, scale))
+                QuantizedLinear(data, "fp8", tuple(w.shape), bias, scale, fp8_matmul=matmul))
     return model
