@@ -53,6 +53,14 @@ for stage in $STAGES; do
     dmdr_dpo)   # ... and DPO on on-policy pairs (best vs worst of each prompt's 4)
       train_export shapes-dmdr-dpo configs/shapes/dmdr.yaml dmdr.rl=dpo
       evaluate dmdr-dpo runs/export/shapes-dmdr-dpo 8 0 ;;
+    dmdr_long)  # 3x the updates (240 = 1,200 trainer steps), λ = 1, judged on both seed sets; resumable
+      [ -d runs/export/shapes-dmdr-long ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml \
+          run.name=shapes-dmdr-long dmdr.rl_weight=1 train.steps=1200 train.ckpt_every=200 run.resume=true &&
+        python -m zimagekit rl export runs/shapes-dmdr-long runs/export/shapes-dmdr-long; }
+      evaluate dmdr-long runs/export/shapes-dmdr-long 8 0
+      [ -f "$out/dmdr-long-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
+          runs/export/shapes-dmdr-long --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 \
+          --out "$out/dmdr-long-seeds2" ;;
     seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
       for name in dmd-control:shapes-dmd-control dmdr-grpo:shapes-dmdr dmdr-refl:shapes-dmdr-refl \
                   dmdr-dpo:shapes-dmdr-dpo student-shipped:; do
