@@ -101,13 +101,14 @@ def twin_models(cfg: S3DiTConfig, device, dtype):
     return ref, ours.to(device=device, dtype=dtype).eval()
 
 
-def compile_blocks(model) -> None:
+def compile_blocks(model, mode: str | None = None) -> None:
     """Regional compilation, both models' ``compile_repeated_blocks`` (one graph per block
-    type). Not ``fullgraph``: a graph break then costs speed, not the whole run."""
-    model.compile_repeated_blocks()
+    type). Not ``fullgraph``: a graph break then costs speed, not the whole run. ``mode``:
+    torch.compile's (``max-autotune``; ``reduce-overhead`` adds CUDA graphs)."""
+    model.compile_repeated_blocks(**({"mode": mode} if mode else {}))
 
 
-def part_forward(cfg, clock, dtype, side, repeats, peak, do_compile) -> list[dict]:
+def part_forward(cfg, clock, dtype, side, repeats, peak, do_compile, mode=None) -> list[dict]:
     ref, ours = twin_models(cfg, clock.device, dtype)
     hw = side // 8  # latent cells; tokens = (hw / 2)²
     rows = []
@@ -116,8 +117,8 @@ def part_forward(cfg, clock, dtype, side, repeats, peak, do_compile) -> list[dic
         import copy
 
         compiled_ours, compiled_ref = copy.deepcopy(ours), copy.deepcopy(ref)
-        compile_blocks(compiled_ours)
-        compile_blocks(compiled_ref)
+        compile_blocks(compiled_ours, mode)
+        compile_blocks(compiled_ref, mode)
         variants += [("zimagekit compiled", compiled_ours, True), ("diffusers compiled", compiled_ref, True)]
     for case, caps in CASES.items():
         g = torch.Generator().manual_seed(0)
@@ -277,6 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    parser.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of both compiled variants (reduce-overhead: CUDA graphs)")
     parser.add_argument("--parts", default="forward,generate,train")
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args(argv)
@@ -294,7 +298,8 @@ def main(argv=None) -> int:
     results = {"device": name, "preset": args.preset, "dtype": args.dtype, "peak_tflops": peak / 1e12}
     parts = set(args.parts.split(","))
     if "forward" in parts:
-        rows = results["forward"] = part_forward(cfg, clock, dtype, side, args.repeats, peak, not args.no_compile)
+        rows = results["forward"] = part_forward(cfg, clock, dtype, side, args.repeats, peak, not args.no_compile,
+                                                   args.compile_mode)
         print("\n| case | model | ms | vs diffusers eager | vs diffusers compiled | TFLOP/s | of peak | act. GiB | max rel diff |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
