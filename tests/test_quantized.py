@@ -278,6 +278,9 @@ def test_generate_with_a_gguf_transformer_fp8_and_a_lora(tiny_model_dir, tmp_pat
     assert main([*common, "--fp8-matmul", "-o", str(tmp_path / "m.png")]) == 0
     assert "(fp8 matmul)" in Image.open(tmp_path / "m.png").text["parameters"]
     capsys.readouterr()
+    assert main([*common, "--transformer", str(tmp_path / "t.gguf"), "--fp8", "-o", str(tmp_path / "y.png")]) == 2
+    assert "t.gguf is already quantized; leave out fp8" in capsys.readouterr().err
+    capsys.readouterr()
     assert main([*common, "--transformer", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "x.png")]) == 2
     assert "missing.gguf: no such file" in capsys.readouterr().err
 

@@ -21,20 +21,23 @@ TINY = S3DiTConfig(dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads
 
 @pytest.fixture(scope="module")
 def other_vae(tmp_path_factory):
-    """A VAE that is not the tiny folder's: the component a config swaps in."""
+    """A VAE and a text encoder that are not the tiny folder's: the components a config swaps
+    in (the VAE's folder; the text encoder sits beside it)."""
     from diffusers import AutoencoderKL
-    from pipeline_fixtures import TINY_VAE
+    from pipeline_fixtures import TINY_QWEN3, TINY_VAE
+    from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(7)
-    folder = tmp_path_factory.mktemp("vae") / "vae"
-    AutoencoderKL(**TINY_VAE).save_pretrained(folder)
-    return folder
+    root = tmp_path_factory.mktemp("components")
+    AutoencoderKL(**TINY_VAE).save_pretrained(root / "vae")
+    Qwen3Model(Qwen3Config(**TINY_QWEN3)).save_pretrained(root / "text_encoder")
+    return root / "vae"
 
 
 def tiny_config(model_dir, vae_dir, root, **changes) -> image_training.ZImageTrainConfig:
     cfg = image_training.ZImageTrainConfig(
         pretrained=str(model_dir), init="scratch", model=TINY,
-        components=image_training.ComponentsSection(vae=str(vae_dir)),
+        components=image_training.ComponentsSection(vae=str(vae_dir), text_encoder=str(vae_dir.parent / "text_encoder")),
         data=image_training.DataSection(path="zimagekit.shapes.teacher:scenes", count=24, resolution=64, max_aspect=1.0,
                                         max_sequence_length=64, cache_dir=str(root / "cache"), preload=True))
     cfg = dataclasses.replace(
@@ -51,17 +54,17 @@ def test_the_scene_cache_holds_the_encoders_outputs_once_per_caption_and_is_reus
     from safetensors import safe_open
 
     from zimagekit.latent_cache import LatentCache
-    from zimagekit.pipeline import load_text_encoder
+    from zimagekit.text_encoder import Qwen3TextEncoder
 
     cfg = tiny_config(tiny_model_dir, other_vae, tmp_path)
     folder = image_training.open_folder(cfg)
     cache = image_training.encoded_data(cfg, folder, "cpu")
     assert len(cache) == 24 and cache.skipped == 0
-    # An independent encoding of scene 5, straight from the world and the two encoders (the
-    # VAE the config swapped in, not the folder's).
+    # An independent encoding of scene 5, straight from the world and the two encoders (those
+    # the config swapped in, not the folder's).
     scene = world.sample_scene(teacher.TEACHER_SCENES + 5)
     vae = AutoencoderKL.from_pretrained(other_vae)
-    text = load_text_encoder(tiny_model_dir, torch.float32, "cpu")
+    text = Qwen3TextEncoder.from_pretrained(other_vae.parent / "text_encoder", tiny_model_dir / "tokenizer")
     x = torch.from_numpy(world.render(scene)).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         z = (vae.encode(x).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
@@ -109,8 +112,9 @@ def test_train_export_and_evaluate(trained, tiny_model_dir, other_vae, tmp_path)
     assert (run_dir / "samples" / "step_0000004.png").exists()
     with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # shipped at half the size
-    for f in other_vae.iterdir():  # the swapped-in VAE ships, byte for byte
-        assert (out / "vae" / f.name).read_bytes() == f.read_bytes()
+    for name in ("vae", "text_encoder"):  # the swapped-in components ship, byte for byte
+        for f in (other_vae.parent / name).iterdir():
+            assert (out / name / f.name).read_bytes() == f.read_bytes()
     assert (out / "model_index.json").read_bytes() == (tiny_model_dir / "model_index.json").read_bytes()
     pipe = DiffusersZImagePipeline.from_pretrained(out, dtype=torch.float32)  # a real Z-Image folder
     image = pipe("a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=0.0,
@@ -133,7 +137,8 @@ def test_bad_scene_data_and_widths_are_one_line_errors(tiny_model_dir, other_vae
     cfg = tiny_config(tiny_model_dir, other_vae, tmp_path, model=dataclasses.replace(TINY, cap_feat_dim=32))
     with pytest.raises(ZImageKitError, match="model.cap_feat_dim=16"):
         image_training.train(cfg)
-    cfg = tiny_config(tiny_model_dir, tmp_path / "nowhere", tmp_path)
+    cfg = tiny_config(tiny_model_dir, other_vae, tmp_path)
+    cfg = dataclasses.replace(cfg, components=dataclasses.replace(cfg.components, vae=str(tmp_path / "nowhere")))
     with pytest.raises(ZImageKitError, match="vae folder .*nowhere does not exist"):
         image_training.train(cfg)
 

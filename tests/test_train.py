@@ -188,3 +188,29 @@ def test_bad_training_configs_are_one_line_errors(tmp_path, dataset_dir, tiny_mo
         train.DataSection(resolution=30)
     config = run_config(tmp_path, dataset_dir, tiny_model_dir, "init: scratch", "model: {cap_feat_dim: 64}")
     assert train_cli.main(["--config", str(config)]) == 2
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_a_dataset_of_two_aspect_buckets_trains_from_files_and_preloaded(tmp_path, tiny_model_dir, preload):
+    """Square and wide images fall in two buckets; every batch comes from one, whether the cache
+    is read from its files or held in memory (each batch's latents stack to one shape)."""
+    from zimagekit.latent_cache import LatentCache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        size = (64, 64) if i % 2 else (96, 48)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(CAPTIONS[i % 4])
+    config = run_config(tmp_path, data, tiny_model_dir, "ema: {enabled: false}")
+    assert train_cli.main(["--config", str(config), "data.resolution=64", "data.max_aspect=2.0",
+                           f"data.preload={str(preload).lower()}"]) == 0
+    cache = LatentCache(next((tmp_path / "cache").iterdir()))
+    assert sorted(set(cache.bucket_ids())) == [0, 1]
+    if preload:
+        cache.preload("cpu")
+    for bucket in (0, 1):
+        members = [i for i, b in enumerate(cache.bucket_ids()) if b == bucket]
+        batch = cache.batch(members, "cpu")
+        assert torch.equal(batch["latents"], torch.stack([cache[i][0] for i in members]))

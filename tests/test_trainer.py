@@ -468,6 +468,18 @@ def test_the_host_reads_losses_and_norms_per_log_line_not_per_update(tmp_path, m
     assert count(40) == count(1) > 0
 
 
+def test_a_nan_between_log_lines_is_named_at_its_step_and_never_saved(tmp_path):
+    """The host reads losses only per log line (here every 10 updates), but the checkpoint due
+    after the bad update is refused: the error names step 5, step 4 stays the latest."""
+    seed_everything(0)
+    trainer = Trainer(config(tmp_path, "train.steps=10", "train.ckpt_every=2", "train.log_every=10"),
+                      Regression(bad_loss_at=5), regression_data(8))
+    with pytest.raises(TrainingDiverged, match="the net loss is nan at step 5"):
+        trainer.fit()
+    assert checkpoint_steps(trainer) == ["step_0000002", "step_0000004"]
+    assert (trainer.ckpt_dir / "latest").read_text().strip() == "step_0000004"
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, bad):
     seed_everything(0)

@@ -45,8 +45,6 @@ class CaptionedImages(Protocol):
     """What the latent cache reads: captions without opening images, images one at a time,
     and rows that change whenever an item does (the cache's key)."""
 
-    skipped: int  # items whose image could not be read
-
     def __len__(self) -> int: ...
 
     def captions(self) -> list[str]: ...

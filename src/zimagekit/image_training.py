@@ -150,17 +150,21 @@ def encoded_data(cfg: ZImageTrainConfig, folder, device):
     encoders = [folder.component(n) for n in ("vae", "text_encoder", "tokenizer")]
     key = cache_key(dataset, encoders, buckets, cfg.data.max_sequence_length, enhancer.name)
 
-    return build_cache(dataset, Path(cfg.data.cache_dir), key, lambda: _load_encoders(folder, device), enhancer,
-                       buckets, cfg.data.max_sequence_length, device)
+    cache = build_cache(dataset, Path(cfg.data.cache_dir), key, lambda: _load_encoders(folder, device), enhancer,
+                        buckets, cfg.data.max_sequence_length, device)
+    if not len(cache):
+        raise ZImageKitError(f"dataset {cfg.data.path}: none of its {cache.skipped} image(s) could be read; see the "
+                             "warnings above")
+    return cache
 
 
 def _load_encoders(folder, device):
-    """The folder's VAE and text encoder, frozen, fp32."""
+    """The folder's VAE and text encoder (replaced ones where the config says), frozen, fp32."""
     from .autoencoder import AutoencoderKL
     from .pipeline import load_text_encoder
 
     vae = AutoencoderKL.from_pretrained(folder.component("vae"), device=device)
-    return vae.requires_grad_(False), load_text_encoder(folder.root, torch.float32, device)
+    return vae.requires_grad_(False), load_text_encoder(folder, torch.float32, device)
 
 
 def _sampler(folder, device, resolution: int):
@@ -221,7 +225,8 @@ def train_phase(cfg: ZImageTrainConfig, device, previous: Path | None = None) ->
         load_trained(previous, group, trained, use_ema=False)
 
     rank, world = parallel.rank(), parallel.world_size()
-    sample = cache.batch(list(range(min(len(cache), 64))), "cpu")
+    buckets = cache.bucket_ids()
+    sample = cache.batch([i for i, b in enumerate(buckets) if b == buckets[0]][:64], "cpu")  # one bucket
     # forward_flops counts S3-DiT's layout; a dual-stream run logs no MFU.
     tokens = None if cfg.architecture == "dual_stream" else (
         model.config.image_tokens(*sample["latents"].shape[-2:]),
@@ -255,6 +260,9 @@ def train(cfg: ZImageTrainConfig) -> Path:
         previous = None
         for phase_cfg in phase_configs(cfg):
             previous = train_phase(phase_cfg, device, previous)
+        # Every rank finished before the group is torn down: rank 0 may still be writing files
+        # while another would otherwise destroy the group under it.
+        parallel.barrier()
         return previous
     finally:
         parallel.shutdown()

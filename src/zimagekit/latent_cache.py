@@ -143,19 +143,17 @@ class LatentCache:
         return self._file("captions-00000.safetensors").get_tensor("captions.empty")
 
     def preload(self, device) -> None:
-        """Read every latent (one tensor per bucket) and each distinct caption onto ``device``."""
+        """Read every latent (one tensor per bucket) and each distinct caption onto ``device``,
+        each bucket moved in one copy."""
         by_bucket: dict[tuple, list[int]] = {}
         for i, e in enumerate(self.entries):
             by_bucket.setdefault(e[2], []).append(i)
-        latents, row = {}, np.zeros(len(self.entries), dtype=np.int64)
+        latents, row = {}, torch.zeros(len(self.entries), dtype=torch.int64)
         for bucket, members in by_bucket.items():
-            first = self._latent(members[0])
-            latents[bucket] = torch.empty((len(members), *first.shape), dtype=first.dtype, device=device)
-            for r, i in enumerate(members):
-                latents[bucket][r] = self._latent(i)
-                row[i] = r
+            latents[bucket] = torch.stack([self._latent(i) for i in members]).to(device)
+            row[members] = torch.arange(len(members))
         captions = [self._caption(j).to(device) for j in range(self.distinct_captions)]
-        self._preloaded = latents, torch.from_numpy(row), captions
+        self._preloaded = latents, row.to(device), captions
 
     def batch(self, indices: list[int], device) -> dict:
         """``{"latents": (B, C, 1, h, w), "captions": [(L, D)] * B}`` on ``device``; the items
@@ -165,9 +163,12 @@ class LatentCache:
             return {"latents": torch.stack([z for z, _ in items]).to(device),
                     "captions": [c.to(device) for _, c in items]}
         latents, row, captions = self._preloaded
-        rows = row[indices].to(latents[self.entries[indices[0]][2]].device)
-        return {"latents": latents[self.entries[indices[0]][2]][rows],
-                "captions": [captions[self.entries[i][3]] for i in indices]}
+        index = torch.tensor(indices)
+        if row.device.type == "cuda":  # pinned and asynchronous: the host never waits for the GPU here
+            index = index.pin_memory().to(row.device, non_blocking=True)
+        bucket = latents[self.entries[indices[0]][2]]
+        return {"latents": bucket[row[index]].to(device),
+                "captions": [captions[self.entries[i][3]].to(device) for i in indices]}
 
 
 def build_cache(dataset: CaptionedImages, cache_dir: Path, key: str, encoders, enhancer,

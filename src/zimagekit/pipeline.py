@@ -221,11 +221,13 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def load_text_encoder(
-    folder: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
+    folder: str | Path | ModelFolder, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None
 ) -> Qwen3TextEncoder:
-    """Only the tokenizer and the (truncated) Qwen3 of a Z-Image folder, e.g. to encode prompts
-    before the transformer is loaded."""
-    return _load_text_encoder(ModelFolder.open(folder), resolve_dtype(dtype), resolve_device(device))
+    """Only the tokenizer and the (truncated) Qwen3 of a Z-Image folder (a path, or an opened
+    :class:`ModelFolder`, whose replaced components count), e.g. to encode prompts before the
+    transformer is loaded."""
+    model = folder if isinstance(folder, ModelFolder) else ModelFolder.open(folder)
+    return _load_text_encoder(model, resolve_dtype(dtype), resolve_device(device))
 
 
 def _load_text_encoder(model: ModelFolder, dtype: torch.dtype, device: torch.device) -> Qwen3TextEncoder:
@@ -376,6 +378,13 @@ class ZImagePipeline:
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
         home = torch.device("cpu") if offload else device
+        if quantize and transformer is not None and Path(transformer).suffix == ".gguf":
+            raise ZImageKitError(f"{Path(transformer).name} is already quantized; leave out fp8 (it applies to a "
+                                 "dense transformer)")
+        if quantize == "fp8-matmul" and device.type == "cuda" and (
+                dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (8, 9)):
+            raise ZImageKitError("fp8 matmuls on CUDA need bf16 (--dtype bf16) and a GPU of compute capability 8.9 "
+                                 "or newer (Ada, Hopper); use fp8 weights alone (--fp8) here")
         schedule, raw_schedule = read_schedule_config(model.component("scheduler") / "scheduler_config.json")
 
         with _loading(model, "transformer"):

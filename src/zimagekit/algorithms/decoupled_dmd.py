@@ -379,7 +379,7 @@ def train(cfg: DistillConfig) -> Path:
 
     if not Path(cfg.data.teacher).is_dir():
         raise ZImageKitError(f"data.teacher: no folder {cfg.data.teacher}; export a teacher there first "
-                             f"(python -m zimagekit.shapes.teacher export RUN_DIR {cfg.data.teacher})")
+                             f"(zimagekit train export RUN_DIR {cfg.data.teacher})")
     seed_everything(cfg.run.seed)
     pipe = ZImagePipeline.from_pretrained(cfg.data.teacher)
     cfg = resolve(cfg, pipe)
@@ -412,7 +412,7 @@ def student_pipeline(run_dir: Path, use_ema: bool = True, config_cls: type[Disti
 
 def export(run_dir: Path, out: Path, use_ema: bool = True) -> None:
     """Write :func:`student_pipeline` as a Z-Image folder, the transformer and VAE stored in bf16
-    as the teacher's (:func:`zimagekit.shapes.teacher.export`): the shipped models' 60 MB budget
-    holds two bf16 transformers, not an fp32 one beside the teacher."""
+    (``zimagekit train export`` stores a teacher's transformer so too): the shipped models' 60 MB
+    budget holds two bf16 transformers, not an fp32 one beside the teacher."""
     with atomic_folder(out) as tmp:
         student_pipeline(run_dir, use_ema).save_pretrained(tmp, torch.bfloat16)

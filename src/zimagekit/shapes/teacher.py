@@ -61,8 +61,6 @@ class SceneDataset:
     (:class:`zimagekit.datasets.CaptionedImages`). Nothing is drawn until the cache asks for
     captions or images; then every scene is drawn and rendered at once, over all cores."""
 
-    skipped = 0
-
     def __init__(self, count: int, seed: int = TEACHER_SCENES):
         if count < 1 or seed < 0:
             raise ZImageKitError(f"scenes: count must be >= 1 and seed >= 0, got {count} and {seed}")
@@ -125,11 +123,13 @@ def training_flops_per_sample(cfg: ZImageTrainConfig, batch: int = 16) -> float:
 
     folder = open_folder(cfg)
     model = build_transformer(cfg, folder)
-    item = encoded_data(cfg, folder, "cpu").batch(list(range(batch)), "cpu")
+    cache = encoded_data(cfg, folder, "cpu")
+    item = cache.batch(list(range(min(batch, len(cache)))), "cpu")  # the world's scenes share one bucket
+    n = len(item["captions"])
     with FlopCounterMode(display=False) as counter:
-        pred = model(item["latents"], torch.full((batch,), 0.5), item["captions"])
+        pred = model(item["latents"], torch.full((n,), 0.5), item["captions"])
         pred.float().square().mean().backward()
-    return counter.get_total_flops() / batch
+    return counter.get_total_flops() / n
 
 
 def run_curve(run_dir: Path, pipe, group: str, steps: int, guidance_scale: float, images_per_prompt: int,
