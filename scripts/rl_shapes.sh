@@ -2,12 +2,14 @@
 # The shapes-world RL runs behind docs/rl.md, in the order they ran, and their held-out
 # evaluations (108 prompts x 4 images, fixed seeds). CPU, fp32, one thread per run.
 # Each stage is skipped when its output exists, so the script resumes where it stopped.
+# Every run starts from dmdr.student, the shipped shapes-turbo; the rows of docs/rl.md started
+# from the one of commit 033939c (docs/rl.md says how to rerun from it).
 #   bash scripts/rl_shapes.sh            # everything
 #   STAGES="dmdr control" bash scripts/rl_shapes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
@@ -61,6 +63,14 @@ for stage in $STAGES; do
       [ -f "$out/dmdr-long-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
           runs/export/shapes-dmdr-long --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 \
           --out "$out/dmdr-long-seeds2" ;;
+    control_long)  # its DMD-only control: the same 240 updates with λ = 0
+      [ -d runs/export/shapes-dmd-control-long ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml \
+          run.name=shapes-dmd-control-long dmdr.rl_weight=0 train.steps=1200 train.ckpt_every=200 run.resume=true &&
+        python -m zimagekit rl export runs/shapes-dmd-control-long runs/export/shapes-dmd-control-long; }
+      evaluate dmd-control-long runs/export/shapes-dmd-control-long 8 0
+      [ -f "$out/dmd-control-long-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
+          runs/export/shapes-dmd-control-long --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 \
+          --out "$out/dmd-control-long-seeds2" ;;
     seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
       for name in dmd-control:shapes-dmd-control dmdr-grpo:shapes-dmdr dmdr-refl:shapes-dmdr-refl \
                   dmdr-dpo:shapes-dmdr-dpo student-shipped:; do
