@@ -150,6 +150,7 @@ def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_pa
     assert rl_cli.main(["--config", str(cfg)]) == 0
     header = (tmp_path / "runs" / "dmdr" / "metrics.csv").read_text().splitlines()[0]
     assert "reward/mean" in header and "real_scale" in header and "loss/fake_score" in header
+    assert ("reward/flat_groups" in header) == (rl in ("grpo", "dpo"))
     out = tmp_path / "student"
     assert rl_cli.main(["export", str(tmp_path / "runs" / "dmdr"), str(out)]) == 0
     from diffusers import ZImagePipeline as DiffusersZImagePipeline

@@ -3,6 +3,7 @@ prompts from a text file): the run, its export, the on-policy identities before 
 and bad input that stops a run in one line with its last checkpoint intact."""
 
 import copy
+import csv
 
 import torch
 import yaml
@@ -61,7 +62,9 @@ def test_rl_post_trains_a_tiny_zimage_folder_and_exports_one_diffusers_loads(tmp
     assert rl_cli.main(["--config", str(write_config(tmp_path, tiny_model_dir))]) == 0
     run = tmp_path / "runs" / "rl"
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"loss/lora", "reward/mean", "kl", "ratio/max", "clip_fraction"} <= set(header)
+    assert {"loss/lora", "reward/mean", "reward/flat_groups", "kl", "ratio/max", "clip_fraction"} <= set(header)
+    with (run / "metrics.csv").open() as fh:
+        assert all(0 <= float(r["reward/flat_groups"]) <= 1 for r in csv.DictReader(fh))
     out = tmp_path / "policy"
     assert rl_cli.main(["export", str(run), str(out)]) == 0
     pipe = DiffusersZImagePipeline.from_pretrained(out, dtype=torch.float32)

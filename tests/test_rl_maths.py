@@ -13,6 +13,7 @@ from zimagekit.algorithms.rl_maths import (
     dynadg_real_scale,
     dynars_beta,
     dynars_sigmas,
+    flat_groups,
     gaussian_kl,
     group_advantages,
 )
@@ -122,3 +123,12 @@ def test_dynars_starts_at_beta_4_1_5_and_ends_uniform():
     # Beta(4, 1.5): mean a/(a + b) = 0.7273, variance ab/((a + b)²(a + b + 1)) = 0.03051
     assert early.mean().item() == pytest.approx(4 / 5.5, abs=0.005)
     assert early.var().item() == pytest.approx(6 / (5.5**2 * 6.5), rel=0.05)
+
+
+def test_flat_groups_counts_the_groups_with_one_reward():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.25, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    assert flat_groups(rewards, 4) == pytest.approx(2 / 3)
+    assert flat_groups(rewards, 2) == pytest.approx(5 / 6)  # (1,1) (1,1) (0,.25) (0,0) (.5,.5) (.5,.5)
+    # Exactly the groups whose GRPO advantages all vanish.
+    zero = group_advantages(rewards, 4).view(-1, 4).abs().amax(dim=1) == 0
+    assert zero.float().mean().item() == pytest.approx(flat_groups(rewards, 4))

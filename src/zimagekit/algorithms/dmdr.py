@@ -63,7 +63,7 @@ from .decoupled_dmd import (
 )
 from .diffusion_dpo import NoisedPairs
 from .prompt_data import prompt_source
-from .rl_maths import diffusion_dpo_loss, dynadg_real_scale, dynars_sigmas, group_advantages
+from .rl_maths import diffusion_dpo_loss, dynadg_real_scale, dynars_sigmas, flat_groups, group_advantages
 
 
 @dataclass
@@ -149,7 +149,8 @@ class DMDR(DecoupledDMD):
             self.fake_score = _ScaledLoRA(base, self.lora, lambda: cfg.dmdr.fake_scale)
             self.teacher = _ScaledLoRA(base, self.lora, lambda: dynadg_real_scale(
                 self.step, cfg.dmdr.dynadg_steps, cfg.dmdr.real_scale_start))
-        self.metric_names = (("reward/mean",) + (("real_scale",) if cfg.dmdr.dynadg else ())
+        self.metric_names = (("reward/mean",) + (("reward/flat_groups",) if cfg.dmdr.rl in ("grpo", "dpo") else ())
+                             + (("real_scale",) if cfg.dmdr.dynadg else ())
                              + (("implicit_accuracy",) if cfg.dmdr.rl == "dpo" else ()))
 
     def modules(self):
@@ -202,6 +203,8 @@ class DMDR(DecoupledDMD):
         weights = {}
         if self.dmdr.reward_tilt or rl in ("grpo", "dpo"):
             rewards, finished = self._rollout_rewards(x, k, captions, prompts)
+            if rl in ("grpo", "dpo"):
+                self._metrics["reward/flat_groups"] = flat_groups(rewards, self.dmdr.group_size)
             if self.dmdr.reward_tilt:
                 tilt = torch.exp(rewards / rewards.pow(2).mean().sqrt().clamp_min(1e-8))
                 weights["all"] = tilt / tilt.mean()

@@ -40,7 +40,7 @@ from ..sampling import cfg_combine, cpu_randn, gaussian_log_prob, get_sigmas, sd
 from ..trainer import Algorithm, TrainConfig, Trainer, seed_everything
 from .policy import Policy, export_policy, open_model
 from .prompt_data import RLData, prompt_source
-from .rl_maths import clipped_surrogate, gaussian_kl, group_advantages
+from .rl_maths import clipped_surrogate, flat_groups, gaussian_kl, group_advantages
 
 
 @dataclass
@@ -101,7 +101,7 @@ def guided_velocity(model, x: torch.Tensor, sigma: float, captions, negatives, g
 
 
 class FlowGRPO(Algorithm):
-    metric_names = ("reward/mean", "reward/std", "kl", "ratio/max", "clip_fraction")
+    metric_names = ("reward/mean", "reward/std", "reward/flat_groups", "kl", "ratio/max", "clip_fraction")
 
     def __init__(self, pipe, cfg: FlowGRPOConfig, reward):
         self.pipe, self.cfg, self.grpo, self.reward = pipe, cfg, cfg.grpo, reward
@@ -153,7 +153,8 @@ class FlowGRPO(Algorithm):
         images = self.pipe.decode(x, "pt")
         rewards = score(self.reward, images, prompts)
         advantages = group_advantages(rewards, g.group_size, g.global_std, g.advantage_clip)
-        self._metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
+        self._metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                              "reward/flat_groups": flat_groups(rewards, g.group_size)})
         return {"latents": torch.stack(latents[: self.train_steps + 1], 1), "log_probs": torch.stack(log_probs, 1),
                 "advantages": advantages, "captions": captions}
 

@@ -32,6 +32,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, global_std: bool = 
     return (centred / (std + eps)).clamp(-clip, clip).flatten()
 
 
+def flat_groups(rewards: torch.Tensor, group_size: int) -> float:
+    """The fraction of groups (``group_size`` consecutive rewards each) whose rewards are all
+    equal: their GRPO advantages are zero and their best-vs-worst DPO pair is a tie, so they
+    teach the policy nothing. Logged to see how much of a rollout a reward wastes."""
+    grouped = rewards.float().view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(dim=1).float().mean().item()
+
+
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                       clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped objective as a loss: ``mean(max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)))`` with
