@@ -237,7 +237,7 @@ def train_phase(cfg: ZImageTrainConfig, device, previous: Path | None = None) ->
     algorithm = LoRAFlowMatching(lora, *args, **kwargs) if lora is not None else FlowMatching(*args, **kwargs)
 
     data = IndexDataSource(lambda indices: cache.batch(indices, device), len(cache), cfg.train.batch_size, seed=cfg.data.seed,
-                           buckets=cache.bucket_ids(), rank=rank, world_size=world)
+                           buckets=buckets, rank=rank, world_size=world)
     trainer = Trainer(cfg, algorithm, data,
                       parallelize=lambda _: parallel.parallelize_s3dit(model, cfg.parallel, cfg.train.precision, lora))
     trainer.fit()

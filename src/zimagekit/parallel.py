@@ -155,7 +155,6 @@ def fused_optimizer_ok(params) -> bool:
     parameters that FSDP2 does not shard. torch 2.13's fused CPU kernel crashes under
     torchrun (sharded or not), and no fused sharded update is tested here; those take the
     foreach update."""
-    params = list(params)
     if not distributed():
         return True
     return all(p.device.type == "cuda" and not _is_dtensor(p) for p in params)

@@ -152,7 +152,8 @@ def add_generate(commands) -> None:
                    "memory; dequantized per layer at each step)")
     g.add_argument("--fp8-matmul", action="store_true",
                    help="--fp8, and multiply in fp8 too: each layer's input is scaled per row to e4m3 on the fly and "
-                   "the product is an fp8 GEMM (Hopper and newer GPUs; relative error 0.043 against --fp8's 0.037 on a test model)")
+                   "the product is an fp8 GEMM (Hopper and newer GPUs; relative error 0.043 against --fp8's 0.037 "
+                   "on a test model)")
     g.add_argument("--vae-tiling", action="store_true",
                    help="decode (and encode an init image) in overlapping tiles of the VAE's sample_size, as "
                    "diffusers' vae.enable_tiling(): bounded memory for large images, faint seams possible")
