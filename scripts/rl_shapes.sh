@@ -2,19 +2,29 @@
 # The shapes-world RL runs behind docs/rl.md, in the order they ran, and their held-out
 # evaluations (108 prompts x 4 images, fixed seeds). CPU, fp32, one thread per run.
 # Each stage is skipped when its output exists, so the script resumes where it stopped.
-# Every run starts from dmdr.student, the shipped shapes-turbo; the rows of docs/rl.md started
-# from the one of commit 033939c (docs/rl.md says how to rerun from it).
+# Every run starts from dmdr.student, the shipped shapes-turbo. The rows of docs/rl.md up to
+# control_long started from the one of commit 033939c (docs/rl.md says how to rerun from it);
+# awr, control_long2 and awr_w3 from the one that control_long made (commit 5db67df).
 #   bash scripts/rl_shapes.sh            # everything
 #   STAGES="dmdr control" bash scripts/rl_shapes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
   [ -f "$out/$1/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$2" --steps "$3" --cfg-scale "$4" \
       --images-per-prompt 4 --out "$out/$1"
+}
+long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable, judged on both seed sets
+  local row=$1 run=$2; shift 2
+  [ -d "runs/export/$run" ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml "run.name=$run" \
+      train.steps=1200 train.ckpt_every=200 run.resume=true "$@" &&
+    python -m zimagekit rl export "runs/$run" "runs/export/$run"; }
+  evaluate "$row" "runs/export/$run" 8 0
+  [ -f "$out/$row-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "runs/export/$run" \
+      --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 --out "$out/$row-seeds2"
 }
 train_export() {  # train_export RUN CONFIG [overrides...]
   local run=$1 config=$2; shift 2
@@ -55,22 +65,16 @@ for stage in $STAGES; do
     dmdr_dpo)   # ... and DPO on on-policy pairs (best vs worst of each prompt's 4)
       train_export shapes-dmdr-dpo configs/shapes/dmdr.yaml dmdr.rl=dpo
       evaluate dmdr-dpo runs/export/shapes-dmdr-dpo 8 0 ;;
-    dmdr_long)  # 3x the updates (240 = 1,200 trainer steps), λ = 1, judged on both seed sets; resumable
-      [ -d runs/export/shapes-dmdr-long ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml \
-          run.name=shapes-dmdr-long dmdr.rl_weight=1 train.steps=1200 train.ckpt_every=200 run.resume=true &&
-        python -m zimagekit rl export runs/shapes-dmdr-long runs/export/shapes-dmdr-long; }
-      evaluate dmdr-long runs/export/shapes-dmdr-long 8 0
-      [ -f "$out/dmdr-long-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
-          runs/export/shapes-dmdr-long --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 \
-          --out "$out/dmdr-long-seeds2" ;;
+    dmdr_long)  # 3x the updates (240 = 1,200 trainer steps), λ = 1, judged on both seed sets
+      long_run dmdr-long shapes-dmdr-long dmdr.rl_weight=1 ;;
     control_long)  # its DMD-only control: the same 240 updates with λ = 0
-      [ -d runs/export/shapes-dmd-control-long ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml \
-          run.name=shapes-dmd-control-long dmdr.rl_weight=0 train.steps=1200 train.ckpt_every=200 run.resume=true &&
-        python -m zimagekit rl export runs/shapes-dmd-control-long runs/export/shapes-dmd-control-long; }
-      evaluate dmd-control-long runs/export/shapes-dmd-control-long 8 0
-      [ -f "$out/dmd-control-long-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
-          runs/export/shapes-dmd-control-long --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 \
-          --out "$out/dmd-control-long-seeds2" ;;
+      long_run dmd-control-long shapes-dmd-control-long dmdr.rl_weight=0 ;;
+    awr)  # from the shapes-turbo that dmd-control-long made: 240 updates of DMDR with AWR, λ = 1
+      long_run dmdr-awr shapes-dmdr-awr dmdr.rl=awr dmdr.rl_weight=1 ;;
+    awr_w3)  # ... with λ = 3
+      long_run dmdr-awr-w3 shapes-dmdr-awr-w3 dmdr.rl=awr dmdr.rl_weight=3 ;;
+    control_long2)  # their DMD-only control: 240 more updates of Decoupled-DMD from the same student
+      long_run dmd-control-long2 shapes-dmd-control-long2 dmdr.rl_weight=0 ;;
     seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
       for name in dmd-control:shapes-dmd-control dmdr-grpo:shapes-dmdr dmdr-refl:shapes-dmdr-refl \
                   dmdr-dpo:shapes-dmdr-dpo student-shipped:; do

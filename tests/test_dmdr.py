@@ -130,7 +130,7 @@ def test_refl_sends_the_rewards_gradient_into_the_student():
     assert sum(g.abs().sum() for g in torch.autograd.grad(with_reward, params, allow_unused=True) if g is not None) > 0
 
 
-@pytest.mark.parametrize("rl", ["grpo", "dpo"])
+@pytest.mark.parametrize("rl", ["grpo", "dpo", "awr"])
 def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_path, tiny_model_dir, capsys, rl):
     from zimagekit.cli import rl as rl_cli
 
@@ -150,7 +150,7 @@ def test_dmdr_runs_through_zimagekit_rl_and_refuses_refl_on_a_hard_reward(tmp_pa
     assert rl_cli.main(["--config", str(cfg)]) == 0
     header = (tmp_path / "runs" / "dmdr" / "metrics.csv").read_text().splitlines()[0]
     assert "reward/mean" in header and "real_scale" in header and "loss/fake_score" in header
-    assert ("reward/flat_groups" in header) == (rl in ("grpo", "dpo"))
+    assert "reward/flat_groups" in header and (("awr_loss" in header) == (rl == "awr"))
     out = tmp_path / "student"
     assert rl_cli.main(["export", str(tmp_path / "runs" / "dmdr"), str(out)]) == 0
     from diffusers import ZImagePipeline as DiffusersZImagePipeline
@@ -190,3 +190,17 @@ def test_dmdr_dpo_starts_at_log_two_and_ignores_ties():
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # the student is still its reference
     tie = algorithm.dpo_loss(finished, torch.tensor([0.5, 0.5, 0.3, 0.3]), caps)
     assert tie.item() == 0.0
+
+
+def test_awr_pulls_only_above_average_samples_toward_their_finished_rollouts():
+    """mean_i max(A_i, 0)·mean((x_i − x0_i)²), A GRPO's advantage (global std), by hand."""
+    algorithm = dmdr.DMDR(teacher(), config(rl="awr", group_size=2), LATENT, torch.zeros(2, 16), MeanPixel(), decode)
+    x = torch.zeros(4, *LATENT, requires_grad=True)
+    finished = torch.stack([torch.full(LATENT, v) for v in (1.0, 2.0, 3.0, 4.0)])
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5])  # group 1: the second sample is better; group 2 ties
+    loss = algorithm.awr_loss(x, finished, rewards)
+    a = 0.5 / (rewards.std().item() + 1e-4)  # the better sample's advantage; the worse one's is −a
+    assert loss.item() == pytest.approx(a * 2.0**2 / 4, rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad[[0, 2, 3]].abs().sum() == 0  # below average, or in a tied group: no pull
+    torch.testing.assert_close(grad[1], torch.full(LATENT, -2 * a * 2.0 / (4 * x[1].numel())))

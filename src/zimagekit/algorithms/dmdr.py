@@ -28,6 +28,13 @@ What DMDR adds, each a switch in :class:`DMDRSection`:
     log-probabilities because a few-step student's per-step SDE variance is large (spec §4)
     and because it needs no extra backward pass: it is a reweighting of a direction the
     update computes anyway.
+  - ``awr``: advantage-weighted regression (Peng et al. 2019) with GRPO's group-relative
+    advantages: ``mean_i max(A_i, 0)·‖x_i − sg(x0_i)‖²``, pulling the student's prediction at
+    step k toward the finished rollout x0_i that it led to, for the samples that scored above
+    their group's mean. Unlike ``grpo`` it reinforces the sample itself rather than the
+    strength of the guidance at it, and unlike a log-probability gradient it is a regression
+    with no noise in its direction. Only the positive part is used: a pull away from a bad
+    sample has no fixed point.
 
 With every switch off and ``λ_rl = 0`` the update is Decoupled-DMD's, draw for draw.
 
@@ -66,13 +73,17 @@ from .prompt_data import prompt_source
 from .rl_maths import diffusion_dpo_loss, dynadg_real_scale, dynars_sigmas, flat_groups, group_advantages
 
 
+# RL terms that draw group_size samples of each prompt and compare them.
+GROUPED = ("grpo", "dpo", "awr")
+
+
 @dataclass
 class DMDRSection:
     student: str | None = None  # a few-step student folder to start from (stage 2); null: the teacher
     reward: str = "zimagekit.shapes.rewards:JudgeReward"
-    rl: Literal["none", "refl", "grpo", "dpo"] = "none"
+    rl: Literal["none", "refl", "grpo", "dpo", "awr"] = "none"
     rl_weight: float = 0.5  # λ_rl (DMDR Table 5c: 0.5)
-    group_size: int = 4  # grpo and dpo: samples per prompt
+    group_size: int = 4  # grpo, dpo and awr: samples per prompt
     dpo_beta: float = 100.0  # dpo: β of the Diffusion-DPO loss
     reward_tilt: bool = False  # RT-DM, the cold start's reward-tilted DM
     dynadg: bool = False
@@ -92,7 +103,7 @@ class DMDRSection:
                        f"{self.dm_weight}")
         require_config(self.dm_weight == 1 or self.rl == "refl", "dmdr.dm_weight",
                        "0 (RL alone) needs dmdr.rl=refl: GRPO here reweights the DMD direction")
-        require_config(self.rl not in ("grpo", "dpo") or self.group_size >= 2, "dmdr.group_size",
+        require_config(self.rl not in GROUPED or self.group_size >= 2, "dmdr.group_size",
                        f"must be >= 2 for {self.rl} (it compares a prompt's samples), got {self.group_size}")
         require_config(self.fake_lora_rank >= 1, "dmdr.fake_lora_rank", f"must be >= 1, got {self.fake_lora_rank}")
 
@@ -149,9 +160,10 @@ class DMDR(DecoupledDMD):
             self.fake_score = _ScaledLoRA(base, self.lora, lambda: cfg.dmdr.fake_scale)
             self.teacher = _ScaledLoRA(base, self.lora, lambda: dynadg_real_scale(
                 self.step, cfg.dmdr.dynadg_steps, cfg.dmdr.real_scale_start))
-        self.metric_names = (("reward/mean",) + (("reward/flat_groups",) if cfg.dmdr.rl in ("grpo", "dpo") else ())
+        self.metric_names = (("reward/mean",) + (("reward/flat_groups",) if cfg.dmdr.rl in GROUPED else ())
                              + (("real_scale",) if cfg.dmdr.dynadg else ())
-                             + (("implicit_accuracy",) if cfg.dmdr.rl == "dpo" else ()))
+                             + (("implicit_accuracy",) if cfg.dmdr.rl == "dpo" else ())
+                             + (("awr_loss",) if cfg.dmdr.rl == "awr" else ()))
 
     def modules(self):
         if self.dmdr.dynadg:
@@ -186,7 +198,7 @@ class DMDR(DecoupledDMD):
         if not (self.dmdr.reward_tilt or rl != "none"):
             return super().training_step(batch, step)
         captions, prompts = list(batch["captions"]), list(batch["prompts"])
-        if rl in ("grpo", "dpo"):  # groups of one prompt's samples, consecutive
+        if rl in GROUPED:  # groups of one prompt's samples, consecutive
             captions = [c for c in captions for _ in range(self.dmdr.group_size)]
             prompts = [p for p in prompts for _ in range(self.dmdr.group_size)]
         x, k, sigma, update_student = self.student_prediction(captions, step)
@@ -201,9 +213,9 @@ class DMDR(DecoupledDMD):
             return losses
         draws = self.draw_renoise(x, time_from_sigma(sigma))
         weights = {}
-        if self.dmdr.reward_tilt or rl in ("grpo", "dpo"):
+        if self.dmdr.reward_tilt or rl in GROUPED:
             rewards, finished = self._rollout_rewards(x, k, captions, prompts)
-            if rl in ("grpo", "dpo"):
+            if rl in GROUPED:
                 self._metrics["reward/flat_groups"] = flat_groups(rewards, self.dmdr.group_size)
             if self.dmdr.reward_tilt:
                 tilt = torch.exp(rewards / rewards.pow(2).mean().sqrt().clamp_min(1e-8))
@@ -218,7 +230,19 @@ class DMDR(DecoupledDMD):
             losses["student"] = losses["student"] - self.dmdr.rl_weight * rewards.mean()
         if rl == "dpo":
             losses["student"] = losses["student"] + self.dmdr.rl_weight * self.dpo_loss(finished, rewards, captions)
+        if rl == "awr":
+            losses["student"] = losses["student"] + self.dmdr.rl_weight * self.awr_loss(x, finished, rewards)
         return losses
+
+    def awr_loss(self, x, finished, rewards) -> torch.Tensor:
+        """Advantage-weighted regression of the student's prediction ``x`` toward the finished
+        rollouts it led to: ``mean_i max(A_i, 0)·mean ‖x_i − sg(x0_i)‖²`` with A GRPO's
+        group-relative advantage. Zero for a group whose samples all scored the same."""
+        weights = group_advantages(rewards, self.dmdr.group_size).clamp_min(0)
+        errors = (x.float() - finished.detach().float()).pow(2).flatten(1).mean(1)
+        loss = (weights.to(errors) * errors).mean()
+        self._metrics["awr_loss"] = loss.item()
+        return loss
 
     def dpo_loss(self, finished, rewards, captions) -> torch.Tensor:
         """Diffusion-DPO on on-policy pairs at the student's own noise levels (the maintainers'
