@@ -1,4 +1,5 @@
-"""The ``zimagekit`` command: ``generate``, ``train``, ``distill``, ``rl``, ``inspect``, ``plan``, ``serve``, ``shapes``.
+"""The ``zimagekit`` command: ``generate``, ``train``, ``distill``, ``rl``, ``inspect``, ``plan``, ``plot``,
+``serve``, ``shapes``.
 
 Flags follow stable-diffusion.cpp and diffusers, so people's muscle memory works::
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                    "zimagekit.cli.inspect")
     _add_delegated(commands, "plan", "per-GPU training memory of an S3-DiT for a GPU count and strategy",
                    "zimagekit.cli.plan")
+    _add_delegated(commands, "plot", "curves of the metrics that training runs logged (metrics.csv), as a PNG",
+                   "zimagekit.cli.plot")
     _add_delegated(commands, "serve", "a local web page and HTTP APIs (A1111 /sdapi/v1, OpenAI images) over one model",
                    "zimagekit.cli.serve")
     commands.add_parser(

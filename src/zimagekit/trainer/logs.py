@@ -1,4 +1,5 @@
-"""What a run writes for people to read: the metric log and sample grids."""
+"""What a run writes for people to read: the metric log and sample grids, and plots of the
+metric log (``zimagekit plot``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import ZImageKitError
 from ..fileio import atomic_write
 
 if TYPE_CHECKING:
@@ -65,3 +67,58 @@ def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
     for i, im in enumerate(images):
         grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A run's metrics.csv as ``{column: [(step, value), ...]}``; empty cells are left out."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise ZImageKitError(f"{run_dir}: no metrics.csv (is it a training run directory?)")
+    columns: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            for key, value in row.items():
+                if key != "step" and value not in ("", None):
+                    columns.setdefault(key, []).append((int(row["step"]), float(value)))
+    return columns
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window − 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_metrics(run_dirs: list[Path], metrics: list[str], out: Path, window: int = 1,
+                 labels: list[str] | None = None) -> None:
+    """One panel per metric, one line per run (its moving mean over ``window`` logged values,
+    the raw values faint behind it), written as a PNG to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = labels or [Path(d).name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise ZImageKitError(f"{len(labels)} labels for {len(run_dirs)} runs; give one label per run")
+    logs = [read_metrics(d) for d in run_dirs]
+    for run_dir, log in zip(run_dirs, logs):
+        if missing := [m for m in metrics if m not in log]:
+            raise ZImageKitError(f"{run_dir} logged no {', '.join(missing)}; it has {', '.join(sorted(log))}")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for n, (label, log) in enumerate(zip(labels, logs)):
+            steps, values = zip(*log[metric])
+            colour = f"C{n}"
+            if window > 1:
+                ax.plot(steps, values, color=colour, alpha=0.2, lw=0.8)
+            ax.plot(steps, moving_mean(list(values), window), color=colour, lw=1.6, label=label)
+        ax.set(xlabel="trainer step", title=metric + (f" (moving mean of {window})" if window > 1 else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(out), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
