@@ -83,6 +83,16 @@ for stage in $STAGES; do
         [ -f "$out/${name%%:*}-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$folder" \
             --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 --out "$out/${name%%:*}-seeds2"
       done ;;
+    plots)    # the training-reward figures of docs/rl.md, from the runs' metrics.csv
+      python -m zimagekit plot runs/shapes-hack-rl-only runs/shapes-hack-with-dm --metric reward/mean --window 5 \
+          --label "ReFL alone" --label "DMD + ReFL" -o "$out/hack-reward.png"
+      python -m zimagekit plot runs/shapes-dmdr runs/shapes-dmdr-dpo runs/shapes-dmdr-refl --metric reward/mean \
+          --window 5 --label "GRPO (judge)" --label "DPO (judge)" --label "ReFL (soft colour)" \
+          -o "$out/dmdr-variants-reward.png"
+      python -m zimagekit plot runs/shapes-dmdr-long --metric reward/mean --window 10 -o "$out/dmdr-long-reward.png"
+      python -m zimagekit plot runs/shapes-dmdr-awr runs/shapes-dmdr-awr-w3 --metric reward/mean \
+          --metric reward/flat_groups --metric awr_loss --window 10 --label "AWR, λ = 1" --label "AWR, λ = 3" \
+          -o "$out/dmdr-awr-reward.png" ;;
     hack)     # the control of DMDR Fig. 4: ReFL on the hackable colour-mass reward, without DM
       train_export shapes-hack-rl-only configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.dm_weight=0 dmdr.rl_weight=1 \
           dmdr.reward=zimagekit.shapes.rewards:ColourMassReward train.steps=200

@@ -176,8 +176,34 @@ def test_without_distribution_matching_the_student_loss_is_the_reward_alone():
     z = dd.backward_simulation(algorithm.student, cpu_randn((2, *LATENT)), algorithm.sigmas, b["captions"], k)
     x = dd.denoise(algorithm.student, z, algorithm.sigmas[k].expand(2), b["captions"])
     torch.testing.assert_close(loss, -2.0 * decode(x.squeeze(2)).mean(dim=(1, 2, 3)).mean())
-    with pytest.raises(Exception, match="needs dmdr.rl=refl"):
+    with pytest.raises(Exception, match="needs dmdr.rl=refl or awr"):
         dmdr.DMDRSection(rl="grpo", dm_weight=0.0)
+
+
+def test_awr_without_distribution_matching_is_the_regression_alone():
+    torch.manual_seed(0)
+    algorithm = dmdr.DMDR(teacher(), config(rl="awr", rl_weight=2.0, dm_weight=0.0, group_size=2), LATENT,
+                          torch.zeros(2, 16), MeanPixel(), decode)
+    b = batch()
+    torch.manual_seed(1)
+    loss = algorithm.training_step(b, 1)["student"]
+    torch.manual_seed(1)  # the same k, noise, prediction and rollouts, by hand
+    k = int(torch.randint(4, ()))
+    from zimagekit.sampling import cpu_randn
+
+    caps = [c for c in b["captions"] for _ in range(2)]
+    z = dd.backward_simulation(algorithm.student, cpu_randn((4, *LATENT)), algorithm.sigmas, caps, k)
+    x = dd.denoise(algorithm.student, z, algorithm.sigmas[k].expand(4), caps)
+    torch.rand(4), cpu_randn(x.shape)  # the fake score's draws come first
+    finished = x
+    if k + 1 < 4:
+        rest = algorithm.sigmas[k + 1:]
+        finished = dd.backward_simulation(algorithm.student, dd.add_noise(x, cpu_randn(x.shape), rest[0]), rest, caps,
+                                          len(rest) - 1)
+    rewards = decode(finished.squeeze(2)).mean(dim=(1, 2, 3))
+    weights = dmdr.group_advantages(rewards, 2).clamp_min(0)
+    assert k < 3 and loss.item() > 0  # a step before the last, so the regression has a target
+    torch.testing.assert_close(loss, 2.0 * (weights * (x - finished).pow(2).flatten(1).mean(1)).mean())
 
 
 def test_dmdr_dpo_starts_at_log_two_and_ignores_ties():

@@ -93,16 +93,16 @@ class DMDRSection:
     dynadg_steps: int = 1000  # K: trainer steps over which γ_r anneals to 0
     dynars: bool = False
     dynars_steps: int = 1000  # K of DynaRS
-    # 1: L_DMD + λ·L_RL. 0 drops distribution matching: RL alone (ReFL), the reward-hacking
-    # control of DMDR Fig. 4 (the fake score still trains; nothing reads it).
+    # 1: L_DMD + λ·L_RL. 0 drops distribution matching: RL alone (ReFL or AWR), the
+    # reward-hacking control of DMDR Fig. 4 (the fake score still trains; nothing reads it).
     dm_weight: float = 1.0
 
     def __post_init__(self):
         require_config(self.rl_weight >= 0, "dmdr.rl_weight", f"must be >= 0, got {self.rl_weight}")
         require_config(self.dm_weight in (0.0, 1.0), "dmdr.dm_weight", f"must be 1 (DMDR) or 0 (RL alone), got "
                        f"{self.dm_weight}")
-        require_config(self.dm_weight == 1 or self.rl == "refl", "dmdr.dm_weight",
-                       "0 (RL alone) needs dmdr.rl=refl: GRPO here reweights the DMD direction")
+        require_config(self.dm_weight == 1 or self.rl in ("refl", "awr"), "dmdr.dm_weight",
+                       "0 (RL alone) needs dmdr.rl=refl or awr: GRPO here reweights the DMD direction")
         require_config(self.rl not in GROUPED or self.group_size >= 2, "dmdr.group_size",
                        f"must be >= 2 for {self.rl} (it compares a prompt's samples), got {self.group_size}")
         require_config(self.fake_lora_rank >= 1, "dmdr.fake_lora_rank", f"must be >= 1, got {self.fake_lora_rank}")
@@ -206,6 +206,11 @@ class DMDR(DecoupledDMD):
         if not update_student:
             return losses
         if self.dmdr.dm_weight == 0:  # RL alone: the control without distribution matching
+            if rl == "awr":
+                rewards, finished = self._rollout_rewards(x, k, captions, prompts)
+                self._metrics["reward/flat_groups"] = flat_groups(rewards, self.dmdr.group_size)
+                losses["student"] = self.dmdr.rl_weight * self.awr_loss(x, finished, rewards)
+                return losses
             images = self.decode(x.squeeze(2) if x.ndim == 5 else x)
             rewards = score(self.reward, images, prompts)
             self._metrics["reward/mean"] = rewards.mean().item()
