@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3 awr_alone plots"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
@@ -73,6 +73,10 @@ for stage in $STAGES; do
       long_run dmdr-awr shapes-dmdr-awr dmdr.rl=awr dmdr.rl_weight=1 ;;
     awr_w3)  # ... with λ = 3
       long_run dmdr-awr-w3 shapes-dmdr-awr-w3 dmdr.rl=awr dmdr.rl_weight=3 ;;
+    awr_alone)  # AWR without distribution matching (dmdr.dm_weight=0), 80 updates: can the term alone
+      # raise the training reward?
+      train_export shapes-awr-alone configs/shapes/dmdr.yaml dmdr.rl=awr dmdr.rl_weight=1 dmdr.dm_weight=0
+      evaluate awr-alone runs/export/shapes-awr-alone 8 0 ;;
     control_long2)  # their DMD-only control: 240 more updates of Decoupled-DMD from the same student
       long_run dmd-control-long2 shapes-dmd-control-long2 dmdr.rl_weight=0 ;;
     seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
