@@ -10,17 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3 awr_alone plots"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3 awr_alone seeds34 seen curves plots"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W
   [ -f "$out/$1/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$2" --steps "$3" --cfg-scale "$4" \
       --images-per-prompt 4 --out "$out/$1"
 }
-long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable, judged on both seed sets
+long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable, judged on both seed sets;
+  # all six checkpoints kept for the curves stage
   local row=$1 run=$2; shift 2
   [ -d "runs/export/$run" ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml "run.name=$run" \
-      train.steps=1200 train.ckpt_every=200 run.resume=true "$@" &&
+      train.steps=1200 train.ckpt_every=200 train.keep_last_ckpts=6 run.resume=true "$@" &&
     python -m zimagekit rl export "runs/$run" "runs/export/$run"; }
   evaluate "$row" "runs/export/$run" 8 0
   [ -f "$out/$row-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "runs/export/$run" \
@@ -87,6 +88,26 @@ for stage in $STAGES; do
         [ -f "$out/${name%%:*}-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$folder" \
             --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 --out "$out/${name%%:*}-seeds2"
       done ;;
+    seeds34)  # two more seed sets (864.., 1296..) for the AWR rows, their control, the shipped student and the teacher
+      for name in dmdr-awr:shapes-dmdr-awr dmdr-awr-w3:shapes-dmdr-awr-w3 dmd-control-long2:shapes-dmd-control-long2 \
+                  dmd-control-long:shapes-dmd-control-long teacher-cpu:; do
+        folder=runs/export/${name#*:} steps=8 w=0
+        [ -n "${name#*:}" ] || { folder=src/zimagekit/models/shapes-teacher steps=50 w=3; }
+        for offset in 3:864 4:1296; do
+          [ -f "$out/${name%%:*}-seeds${offset%%:*}/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
+              "$folder" --steps $steps --cfg-scale $w --images-per-prompt 4 --seed-offset ${offset#*:} \
+              --out "$out/${name%%:*}-seeds${offset%%:*}"
+        done
+      done ;;
+    seen)     # the same rows on the seen-pairs twin of the prompts: unlearnt or ungeneralised?
+      evaluate_seen() { [ -f "$out/$1-seen/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$2" \
+          --steps "$3" --cfg-scale "$4" --images-per-prompt 4 --prompts seen --out "$out/$1-seen"; }
+      evaluate_seen dmdr-awr runs/export/shapes-dmdr-awr 8 0
+      evaluate_seen dmd-control-long2 runs/export/shapes-dmd-control-long2 8 0
+      evaluate_seen teacher-cpu src/zimagekit/models/shapes-teacher 50 3 ;;
+    curves)   # held-out accuracy, diversity and saturation at every checkpoint of the AWR runs and their control
+      [ -f "$out/awr-curves/curves.csv" ] || python -m zimagekit.shapes.evaluation curves runs/shapes-dmdr-awr \
+          runs/shapes-dmdr-awr-w3 runs/shapes-dmd-control-long2 --images-per-prompt 4 --out "$out/awr-curves" ;;
     plots)    # the training-reward figures of docs/rl.md, from the runs' metrics.csv
       python -m zimagekit plot runs/shapes-hack-rl-only runs/shapes-hack-with-dm --metric reward/mean --window 5 \
           --label "ReFL alone" --label "DMD + ReFL" -o "$out/hack-reward.png"
@@ -96,7 +117,9 @@ for stage in $STAGES; do
       python -m zimagekit plot runs/shapes-dmdr-long --metric reward/mean --window 10 -o "$out/dmdr-long-reward.png"
       python -m zimagekit plot runs/shapes-dmdr-awr runs/shapes-dmdr-awr-w3 --metric reward/mean \
           --metric reward/flat_groups --metric awr_loss --window 10 --label "AWR, λ = 1" --label "AWR, λ = 3" \
-          -o "$out/dmdr-awr-reward.png" ;;
+          -o "$out/dmdr-awr-reward.png"
+      python -m zimagekit plot runs/shapes-awr-alone runs/shapes-dmdr-awr --metric reward/mean --window 5 \
+          --label "AWR alone (no DM)" --label "DMD + AWR" -o "$out/awr-alone-reward.png" ;;
     hack)     # the control of DMDR Fig. 4: ReFL on the hackable colour-mass reward, without DM
       train_export shapes-hack-rl-only configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.dm_weight=0 dmdr.rl_weight=1 \
           dmdr.reward=zimagekit.shapes.rewards:ColourMassReward train.steps=200
