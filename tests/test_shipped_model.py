@@ -24,11 +24,11 @@ PICKS = {
     "shapes-teacher": [("a circle", 0), ("a square", 109), ("a triangle", 2), ("a circle and a triangle", 19),
                        ("two red triangles", 261), ("a blue circle", 55),
                        ("a yellow triangle below a red triangle", 183), ("a yellow square and a purple triangle", 104)],
-    # docs/rl/dmd-control-long/results.jsonl: 8 steps, no CFG
-    "shapes-turbo": [("a circle", 0), ("a square", 1), ("a triangle", 2), ("a circle and a triangle", 127),
-                     ("three blue circles", 364), ("a red triangle", 54), ("a blue circle", 163),
+    # docs/rl/dmdr-awr-w3/results.jsonl: 8 steps, no CFG
+    "shapes-turbo": [("a circle", 0), ("a square", 1), ("a triangle", 2), ("a circle and a triangle", 19),
+                     ("three blue circles", 364), ("a red triangle", 162), ("a blue circle", 55),
                      ("a yellow circle to the right of a yellow square", 185),
-                     ("a yellow square and an orange triangle", 98)],
+                     ("a yellow square and an orange triangle", 314)],
 }
 # README's first command: the default model (the Turbo student) draws this one correctly at
 # the default seed (42).
