@@ -55,9 +55,16 @@ judge() {
     --seed-offset "$3" --out "runs/pack/eval-$1" 2>&1 | tee -a "$L"
 }
 
+for run in lease-dmdr lease-control; do
+  [ -e "runs/$run" ] && { log "runs/$run exists from an earlier lease; move it away first"; exit 1; }
+done
+LIMIT=$(( RL_END - $(el) ))
+[ "$LIMIT" -ge 10 ] || { log "RL_END=$RL_END leaves no time to train"; exit 1; }
 log "DMDR, rl $RL, λ = $LAMBDA, until ${RL_END}s"
-timeout -s INT $(( RL_END - $(el) )) python3 -m zimagekit.cli.rl --config configs/shapes/dmdr.yaml \
+timeout -s INT "$LIMIT" python3 -m zimagekit.cli.rl --config configs/shapes/dmdr.yaml \
   run.name=lease-dmdr dmdr.rl="$RL" dmdr.rl_weight="$LAMBDA" train.steps=100000 $COMMON 2>&1 | tee -a "$L"
+STATUS=${PIPESTATUS[0]}
+[ "$STATUS" = 0 ] || [ "$STATUS" = 124 ] || { log "the DMDR run failed (exit $STATUS)"; exit 1; }
 STEPS=$(sed 's/step_0*//' runs/lease-dmdr/checkpoints/latest 2>/dev/null)
 [ -n "$STEPS" ] || { log "the DMDR run left no checkpoint"; exit 1; }
 log "DMDR stopped at trainer step $STEPS; export"
@@ -66,6 +73,7 @@ pack lease-dmdr dmdr
 log "control: DMD alone for $STEPS trainer steps"
 python3 -m zimagekit.cli.rl --config configs/shapes/dmdr.yaml run.name=lease-control dmdr.rl_weight=0 \
   train.steps="$STEPS" $COMMON 2>&1 | tee -a "$L"
+[ "${PIPESTATUS[0]}" = 0 ] || { log "the control run failed"; exit 1; }
 pack lease-control control
 tar czf "$OUT/pack.tgz" -C runs pack  # again after the evaluations, in case they run out of time
 

@@ -2,9 +2,10 @@
 # The shapes-world RL runs behind docs/rl.md, in the order they ran, and their held-out
 # evaluations (108 prompts x 4 images, fixed seeds). CPU, fp32, one thread per run.
 # Each stage is skipped when its output exists, so the script resumes where it stopped.
-# Every run starts from dmdr.student, the shipped shapes-turbo. The rows of docs/rl.md up to
-# control_long started from the one of commit 033939c (docs/rl.md says how to rerun from it);
-# awr, control_long2 and awr_w3 from the one that control_long made (commit 5db67df).
+# Every run starts from dmdr.student, the shipped shapes-turbo, unless it says otherwise. The
+# rows of docs/rl.md up to control_long started from the one of commit 033939c (docs/rl.md says
+# how to rerun from it); awr, awr_w3, awr_alone and control_long2 start from the export of
+# control_long (the shapes-turbo of commit 5db67df). The plots stage always redraws.
 #   bash scripts/rl_shapes.sh            # everything
 #   STAGES="dmdr control" bash scripts/rl_shapes.sh
 set -euo pipefail
@@ -13,9 +14,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3 awr_alone seeds34 seen curves plots"}
 out=docs/rl
 
-evaluate() {  # evaluate NAME FOLDER STEPS W
-  [ -f "$out/$1/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$2" --steps "$3" --cfg-scale "$4" \
-      --images-per-prompt 4 --out "$out/$1"
+evaluate() {  # evaluate NAME FOLDER STEPS W [--seed-offset N | --prompts seen]
+  local name=$1 folder=$2 steps=$3 w=$4; shift 4
+  [ -f "$out/$name/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$folder" --steps "$steps" \
+      --cfg-scale "$w" --images-per-prompt 4 --out "$out/$name" "$@"
 }
 long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable, judged on both seed sets;
   # all six checkpoints kept for the curves stage
@@ -24,9 +26,11 @@ long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable,
       train.steps=1200 train.ckpt_every=200 train.keep_last_ckpts=6 run.resume=true "$@" &&
     python -m zimagekit rl export "runs/$run" "runs/export/$run"; }
   evaluate "$row" "runs/export/$run" 8 0
-  [ -f "$out/$row-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "runs/export/$run" \
-      --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 --out "$out/$row-seeds2"
+  evaluate "$row-seeds2" "runs/export/$run" 8 0 --seed-offset 432
 }
+from_control_long=dmdr.student=runs/export/shapes-dmd-control-long
+# The student the first rows started from: git worktree add /tmp/old 033939c
+old_turbo=${OLD_TURBO:-/tmp/old/src/zimagekit/models/shapes-turbo}
 train_export() {  # train_export RUN CONFIG [overrides...]
   local run=$1 config=$2; shift 2
   [ -f "runs/$run/checkpoints/latest" ] || python -m zimagekit rl --config "$config" "run.name=$run" "$@"
@@ -37,7 +41,7 @@ for stage in $STAGES; do
   case $stage in
     baselines)  # the shipped teacher (50 steps, w = 3) and student (8 NFE), judged here
       evaluate teacher-cpu src/zimagekit/models/shapes-teacher 50 3
-      evaluate student-shipped src/zimagekit/models/shapes-turbo 8 0 ;;
+      evaluate student-shipped "$old_turbo" 8 0 ;;
     dmdr)     # DMDR stage 2: the shipped student + λ = 0.5 GRPO on the judge's graded reward
       train_export shapes-dmdr configs/shapes/dmdr.yaml
       evaluate dmdr-grpo runs/export/shapes-dmdr 8 0 ;;
@@ -71,22 +75,22 @@ for stage in $STAGES; do
     control_long)  # its DMD-only control: the same 240 updates with λ = 0
       long_run dmd-control-long shapes-dmd-control-long dmdr.rl_weight=0 ;;
     awr)  # from the shapes-turbo that dmd-control-long made: 240 updates of DMDR with AWR, λ = 1
-      long_run dmdr-awr shapes-dmdr-awr dmdr.rl=awr dmdr.rl_weight=1 ;;
+      long_run dmdr-awr shapes-dmdr-awr dmdr.rl=awr dmdr.rl_weight=1 $from_control_long ;;
     awr_w3)  # ... with λ = 3
-      long_run dmdr-awr-w3 shapes-dmdr-awr-w3 dmdr.rl=awr dmdr.rl_weight=3 ;;
+      long_run dmdr-awr-w3 shapes-dmdr-awr-w3 dmdr.rl=awr dmdr.rl_weight=3 $from_control_long ;;
     awr_alone)  # AWR without distribution matching (dmdr.dm_weight=0), 80 updates: can the term alone
       # raise the training reward?
-      train_export shapes-awr-alone configs/shapes/dmdr.yaml dmdr.rl=awr dmdr.rl_weight=1 dmdr.dm_weight=0
+      train_export shapes-awr-alone configs/shapes/dmdr.yaml dmdr.rl=awr dmdr.rl_weight=1 dmdr.dm_weight=0 \
+          $from_control_long
       evaluate awr-alone runs/export/shapes-awr-alone 8 0 ;;
     control_long2)  # their DMD-only control: 240 more updates of Decoupled-DMD from the same student
-      long_run dmd-control-long2 shapes-dmd-control-long2 dmdr.rl_weight=0 ;;
+      long_run dmd-control-long2 shapes-dmd-control-long2 dmdr.rl_weight=0 $from_control_long ;;
     seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
       for name in dmd-control:shapes-dmd-control dmdr-grpo:shapes-dmdr dmdr-refl:shapes-dmdr-refl \
                   dmdr-dpo:shapes-dmdr-dpo student-shipped:; do
         folder=runs/export/${name#*:}
-        [ -n "${name#*:}" ] || folder=src/zimagekit/models/shapes-turbo
-        [ -f "$out/${name%%:*}-seeds2/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$folder" \
-            --steps 8 --cfg-scale 0 --images-per-prompt 4 --seed-offset 432 --out "$out/${name%%:*}-seeds2"
+        [ -n "${name#*:}" ] || folder=$old_turbo
+        evaluate "${name%%:*}-seeds2" "$folder" 8 0 --seed-offset 432
       done ;;
     seeds34)  # two more seed sets (864.., 1296..) for the AWR rows, their control, the shipped student and the teacher
       for name in dmdr-awr:shapes-dmdr-awr dmdr-awr-w3:shapes-dmdr-awr-w3 dmd-control-long2:shapes-dmd-control-long2 \
@@ -94,17 +98,13 @@ for stage in $STAGES; do
         folder=runs/export/${name#*:} steps=8 w=0
         [ -n "${name#*:}" ] || { folder=src/zimagekit/models/shapes-teacher steps=50 w=3; }
         for offset in 3:864 4:1296; do
-          [ -f "$out/${name%%:*}-seeds${offset%%:*}/metrics.json" ] || python -m zimagekit shapes teacher evaluate \
-              "$folder" --steps $steps --cfg-scale $w --images-per-prompt 4 --seed-offset ${offset#*:} \
-              --out "$out/${name%%:*}-seeds${offset%%:*}"
+          evaluate "${name%%:*}-seeds${offset%%:*}" "$folder" $steps $w --seed-offset "${offset#*:}"
         done
       done ;;
     seen)     # the same rows on the seen-pairs twin of the prompts: unlearnt or ungeneralised?
-      evaluate_seen() { [ -f "$out/$1-seen/metrics.json" ] || python -m zimagekit shapes teacher evaluate "$2" \
-          --steps "$3" --cfg-scale "$4" --images-per-prompt 4 --prompts seen --out "$out/$1-seen"; }
-      evaluate_seen dmdr-awr runs/export/shapes-dmdr-awr 8 0
-      evaluate_seen dmd-control-long2 runs/export/shapes-dmd-control-long2 8 0
-      evaluate_seen teacher-cpu src/zimagekit/models/shapes-teacher 50 3 ;;
+      evaluate dmdr-awr-seen runs/export/shapes-dmdr-awr 8 0 --prompts seen
+      evaluate dmd-control-long2-seen runs/export/shapes-dmd-control-long2 8 0 --prompts seen
+      evaluate teacher-cpu-seen src/zimagekit/models/shapes-teacher 50 3 --prompts seen ;;
     curves)   # held-out accuracy, diversity and saturation at every checkpoint of the AWR runs and their control
       [ -f "$out/awr-curves/curves.csv" ] || python -m zimagekit.shapes.evaluation curves runs/shapes-dmdr-awr \
           runs/shapes-dmdr-awr-w3 runs/shapes-dmd-control-long2 --images-per-prompt 4 --out "$out/awr-curves" ;;

@@ -178,6 +178,8 @@ def test_without_distribution_matching_the_student_loss_is_the_reward_alone():
     torch.testing.assert_close(loss, -2.0 * decode(x.squeeze(2)).mean(dim=(1, 2, 3)).mean())
     with pytest.raises(Exception, match="needs dmdr.rl=refl or awr"):
         dmdr.DMDRSection(rl="grpo", dm_weight=0.0)
+    with pytest.raises(Exception, match="must be > 0 with dmdr.dm_weight=0"):
+        dmdr.DMDRSection(rl="awr", rl_weight=0.0, dm_weight=0.0)
 
 
 def test_awr_without_distribution_matching_is_the_regression_alone():

@@ -14,6 +14,8 @@ def test_the_moving_mean_by_hand():
     assert moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_mean([2.0, 4.0, 6.0], 5) == [2.0, 3.0, 4.0]
     assert moving_mean([2.0, 4.0], 1) == [2.0, 4.0]
+    nan = float("nan")
+    assert moving_mean([1.0, nan, 3.0, 5.0], 2)[3] == 4.0  # the NaN spoils only its own windows
 
 
 def write_run(run_dir: Path, rows):
@@ -50,3 +52,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, messag
     assert message in err and err.count("\n") == 1 and not out.exists()
     assert main(["plot", str(tmp_path / "missing"), "--metric", "x", "-o", str(out)]) == 2
     assert "no metrics.csv" in capsys.readouterr().err
+    with (tmp_path / "a" / "metrics.csv").open("a") as fh:
+        fh.write("20,oops,0.5\n")
+    assert main(["plot", str(tmp_path / "a"), "--metric", "loss/student", "-o", str(out)]) == 2
+    assert "metrics.csv:3: not a metrics row" in capsys.readouterr().err

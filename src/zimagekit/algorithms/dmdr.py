@@ -29,7 +29,7 @@ What DMDR adds, each a switch in :class:`DMDRSection`:
     and because it needs no extra backward pass: it is a reweighting of a direction the
     update computes anyway.
   - ``awr``: advantage-weighted regression (Peng et al. 2019) with GRPO's group-relative
-    advantages: ``mean_i max(A_i, 0)·‖x_i − sg(x0_i)‖²``, pulling the student's prediction at
+    advantages: ``mean_i max(A_i, 0)·mean_elements (x_i − sg(x0_i))²``, pulling the student's prediction at
     step k toward the finished rollout x0_i that it led to, for the samples that scored above
     their group's mean. Unlike ``grpo`` it reinforces the sample itself rather than the
     strength of the guidance at it, and unlike a log-probability gradient it is a regression
@@ -103,6 +103,8 @@ class DMDRSection:
                        f"{self.dm_weight}")
         require_config(self.dm_weight == 1 or self.rl in ("refl", "awr"), "dmdr.dm_weight",
                        "0 (RL alone) needs dmdr.rl=refl or awr: GRPO here reweights the DMD direction")
+        require_config(self.dm_weight == 1 or self.rl_weight > 0, "dmdr.rl_weight",
+                       "must be > 0 with dmdr.dm_weight=0 (RL alone), or the run would train nothing but the fake score")
         require_config(self.rl not in GROUPED or self.group_size >= 2, "dmdr.group_size",
                        f"must be >= 2 for {self.rl} (it compares a prompt's samples), got {self.group_size}")
         require_config(self.fake_lora_rank >= 1, "dmdr.fake_lora_rank", f"must be >= 1, got {self.fake_lora_rank}")
@@ -160,10 +162,16 @@ class DMDR(DecoupledDMD):
             self.fake_score = _ScaledLoRA(base, self.lora, lambda: cfg.dmdr.fake_scale)
             self.teacher = _ScaledLoRA(base, self.lora, lambda: dynadg_real_scale(
                 self.step, cfg.dmdr.dynadg_steps, cfg.dmdr.real_scale_start))
-        self.metric_names = (("reward/mean",) + (("reward/flat_groups",) if cfg.dmdr.rl in GROUPED else ())
+        rl = self.rl_term()
+        self.metric_names = ((("reward/mean",) if cfg.dmdr.reward_tilt or rl != "none" else ())
+                             + (("reward/flat_groups",) if rl in GROUPED else ())
                              + (("real_scale",) if cfg.dmdr.dynadg else ())
-                             + (("implicit_accuracy",) if cfg.dmdr.rl == "dpo" else ())
-                             + (("awr_loss",) if cfg.dmdr.rl == "awr" else ()))
+                             + (("implicit_accuracy",) if rl == "dpo" else ())
+                             + (("awr_loss",) if rl == "awr" else ()))
+
+    def rl_term(self) -> str:
+        """The RL term in effect: ``dmdr.rl``, or "none" at λ_rl = 0."""
+        return self.dmdr.rl if self.dmdr.rl_weight > 0 else "none"
 
     def modules(self):
         if self.dmdr.dynadg:
@@ -194,7 +202,7 @@ class DMDR(DecoupledDMD):
         self.step = step
         if self.dmdr.dynadg:
             self._metrics["real_scale"] = dynadg_real_scale(step, self.dmdr.dynadg_steps, self.dmdr.real_scale_start)
-        rl = self.dmdr.rl if self.dmdr.rl_weight > 0 else "none"
+        rl = self.rl_term()
         if not (self.dmdr.reward_tilt or rl != "none"):
             return super().training_step(batch, step)
         captions, prompts = list(batch["captions"]), list(batch["prompts"])
@@ -208,20 +216,14 @@ class DMDR(DecoupledDMD):
         if self.dmdr.dm_weight == 0:  # RL alone: the control without distribution matching
             if rl == "awr":
                 rewards, finished = self._rollout_rewards(x, k, captions, prompts)
-                self._metrics["reward/flat_groups"] = flat_groups(rewards, self.dmdr.group_size)
                 losses["student"] = self.dmdr.rl_weight * self.awr_loss(x, finished, rewards)
-                return losses
-            images = self.decode(x.squeeze(2) if x.ndim == 5 else x)
-            rewards = score(self.reward, images, prompts)
-            self._metrics["reward/mean"] = rewards.mean().item()
-            losses["student"] = -self.dmdr.rl_weight * rewards.mean()
+            else:
+                losses["student"] = -self.dmdr.rl_weight * self._refl_reward(x, prompts)
             return losses
         draws = self.draw_renoise(x, time_from_sigma(sigma))
         weights = {}
         if self.dmdr.reward_tilt or rl in GROUPED:
             rewards, finished = self._rollout_rewards(x, k, captions, prompts)
-            if rl in GROUPED:
-                self._metrics["reward/flat_groups"] = flat_groups(rewards, self.dmdr.group_size)
             if self.dmdr.reward_tilt:
                 tilt = torch.exp(rewards / rewards.pow(2).mean().sqrt().clamp_min(1e-8))
                 weights["all"] = tilt / tilt.mean()
@@ -230,19 +232,25 @@ class DMDR(DecoupledDMD):
         g = self.weighted_direction(x, captions, draws, weights)
         losses["student"] = generator_loss(x, g)
         if rl == "refl":
-            rewards = score(self.reward, self.decode(x.squeeze(2) if x.ndim == 5 else x), prompts)
-            self._metrics["reward/mean"] = rewards.mean().item()
-            losses["student"] = losses["student"] - self.dmdr.rl_weight * rewards.mean()
+            losses["student"] = losses["student"] - self.dmdr.rl_weight * self._refl_reward(x, prompts)
         if rl == "dpo":
             losses["student"] = losses["student"] + self.dmdr.rl_weight * self.dpo_loss(finished, rewards, captions)
         if rl == "awr":
             losses["student"] = losses["student"] + self.dmdr.rl_weight * self.awr_loss(x, finished, rewards)
         return losses
 
+    def _refl_reward(self, x, prompts) -> torch.Tensor:
+        """ReFL's objective: the mean reward of the decoded one-step prediction ``x``, with its
+        graph (the reward is differentiable)."""
+        rewards = score(self.reward, self.decode(x.squeeze(2) if x.ndim == 5 else x), prompts)
+        self._metrics["reward/mean"] = rewards.mean().item()
+        return rewards.mean()
+
     def awr_loss(self, x, finished, rewards) -> torch.Tensor:
         """Advantage-weighted regression of the student's prediction ``x`` toward the finished
-        rollouts it led to: ``mean_i max(A_i, 0)·mean ‖x_i − sg(x0_i)‖²`` with A GRPO's
-        group-relative advantage. Zero for a group whose samples all scored the same."""
+        rollouts it led to: ``mean_i max(A_i, 0)·mean_elements (x_i − sg(x0_i))²`` with A GRPO's
+        group-relative advantage. Zero for a group whose samples all scored the same, and at
+        the student's last step, where the prediction is the finished sample."""
         weights = group_advantages(rewards, self.dmdr.group_size).clamp_min(0)
         errors = (x.float() - finished.detach().float()).pow(2).flatten(1).mean(1)
         loss = (weights.to(errors) * errors).mean()
@@ -283,6 +291,8 @@ class DMDR(DecoupledDMD):
             x = backward_simulation(self.student, z, rest, captions, len(rest) - 1)
         rewards = score(self.reward, self.decode(x.squeeze(2) if x.ndim == 5 else x), prompts)
         self._metrics["reward/mean"] = rewards.mean().item()
+        if self.rl_term() in GROUPED:
+            self._metrics["reward/flat_groups"] = flat_groups(rewards, self.dmdr.group_size)
         return rewards, x
 
     @torch.no_grad()

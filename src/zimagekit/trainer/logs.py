@@ -76,28 +76,31 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         raise ZImageKitError(f"{run_dir}: no metrics.csv (is it a training run directory?)")
     columns: dict[str, list[tuple[int, float]]] = {}
     with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            for key, value in row.items():
-                if key != "step" and value not in ("", None):
-                    columns.setdefault(key, []).append((int(row["step"]), float(value)))
+        for line, row in enumerate(csv.DictReader(fh), 2):
+            try:
+                step = int(row["step"])
+                for key, value in row.items():
+                    if key != "step" and value not in ("", None):
+                        columns.setdefault(key, []).append((step, float(value)))
+            except (TypeError, ValueError, KeyError):
+                raise ZImageKitError(f"{path}:{line}: not a metrics row (a step and numbers expected)") from None
     return columns
 
 
 def moving_mean(values: list[float], window: int) -> list[float]:
-    """The mean of each value and the ``window − 1`` before it (fewer at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
+    """The mean of each value and the ``window − 1`` before it (fewer at the start); a NaN
+    spoils only the windows that hold it."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
 
 
 def plot_metrics(run_dirs: list[Path], metrics: list[str], out: Path, window: int = 1,
                  labels: list[str] | None = None) -> None:
     """One panel per metric, one line per run (its moving mean over ``window`` logged values,
     the raw values faint behind it), written as a PNG to ``out``."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ZImageKitError("plots need matplotlib: pip install matplotlib (or zimagekit[train])") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
