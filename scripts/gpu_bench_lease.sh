@@ -6,24 +6,15 @@
 #      (the shapes teacher in a bare loop and through the Trainer, LoRA on the 6B) -> gpu.json;
 #   2. if time is left, the forward part again with CUDA graphs (compile mode
 #      reduce-overhead) -> gpu-cudagraphs.json.
-# Everything printed goes to OUT/gpu-bench.log. A machine without internet needs the
-# packages its image lacks as wheels in .whl/ (diffusers and importlib_metadata for a stock
-# PyTorch image), installed to /tmp/site as scripts/shapes_gpu_lease.sh does.
+# Everything printed goes to OUT/gpu-bench.log. Packages the machine lacks come as wheels in
+# .whl/ (scripts/lease_env.sh).
 # The CPU rehearsal: DEVICE_ARGS="--preset tiny --device cpu --dtype fp32 --repeats 1 --no-compile"
 set -u -o pipefail
 OUT=${OUT:-runs/gpu-bench}
 END=${END:-540}
 DEVICE_ARGS=${DEVICE_ARGS:-}
-mkdir -p "$OUT"
-S=$(date +%s)
 L=$OUT/gpu-bench.log
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD/src:/tmp/site
-else
-  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONUNBUFFERED=1
+. scripts/lease_env.sh
 nvidia-smi 2>&1 | head -15 | tee -a "$L"
 timeout $(( END - $(date +%s) + S )) python3 benchmarks/bench_gpu.py $DEVICE_ARGS --json "$OUT/gpu.json" 2>&1 | tee -a "$L"
 LEFT=$(( END - $(date +%s) + S ))

@@ -11,8 +11,7 @@
 #      (EVAL_IMAGES images per prompt, default 4);
 #   4. into OUT: both students' transformers cut into 15 MB parts (join them with cat), the
 #      runs' configs, metrics and evaluations in pack.tgz, and the whole log, gpu.log.
-# A machine without internet needs the packages its image lacks as wheels in .whl/ (for a
-# stock PyTorch image: diffusers and importlib_metadata); they are installed to /tmp/site.
+# Packages the machine lacks come as wheels in .whl/ (scripts/lease_env.sh).
 # EXTRA appends overrides to both runs. A CPU rehearsal (about 5 minutes): RL_END=100
 # BATCH=1 EVAL_IMAGES=2 EXTRA="train.precision=fp32 train.log_every=5".
 set -u -o pipefail
@@ -23,16 +22,8 @@ BATCH=${BATCH:-32}
 RL_END=${RL_END:-240}
 EVAL_IMAGES=${EVAL_IMAGES:-4}
 EXTRA=${EXTRA:-}
-mkdir -p "$OUT" runs/pack
-S=$(date +%s)
-el() { echo $(( $(date +%s) - S )); }
-L=$OUT/gpu.log
-log() { echo "[$(el)s] $*" | tee -a "$L"; }
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD/src:/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+. scripts/lease_env.sh
+mkdir -p runs/pack
 python3 -c "import torch, diffusers; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and \
 torch.cuda.get_device_name(), '| diffusers', diffusers.__version__)" 2>&1 | tee -a "$L"
 COMMON="train.batch_size=$BATCH train.precision=bf16 train.ckpt_every=0 train.log_every=25 $EXTRA"

@@ -13,8 +13,7 @@
 #      steps with w = 0 and w = W, teacher at 8 steps without CFG, student at 8 steps;
 #   6. into OUT: both transformers' safetensors cut into 15 MB parts (join them with cat), the
 #      runs' configs, metrics and evaluations in pack.tgz, and the whole log, gpu.log.
-# A machine without internet needs the packages its image lacks as wheels in .whl/ (for a
-# stock PyTorch image: diffusers and importlib_metadata); they are installed to /tmp/site.
+# Packages the machine lacks come as wheels in .whl/ (scripts/lease_env.sh).
 # EXTRA_T and EXTRA_D append overrides to the teacher and distill runs, EVAL_IMAGES and
 # PICK_STEPS shrink the evaluations. A CPU rehearsal (4 minutes): TEACH_END=90 DIST_END=160
 # EXTRA_T="data.count=600 train.batch_size=8 train.precision=fp32 data.cache_dir=/tmp/c"
@@ -27,16 +26,7 @@ EXTRA_T=${EXTRA_T:-}
 EXTRA_D=${EXTRA_D:-}
 EVAL_IMAGES=${EVAL_IMAGES:-4}
 PICK_STEPS=${PICK_STEPS:-25}
-mkdir -p "$OUT"
-S=$(date +%s)
-el() { echo $(( $(date +%s) - S )); }
-L=$OUT/gpu.log
-log() { echo "[$(el)s] $*" | tee -a "$L"; }
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD/src:/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+. scripts/lease_env.sh
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| cuda', torch.cuda.is_available() and \
 torch.cuda.get_device_name(), '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)" 2>&1 | tee -a "$L"
 T=zimagekit.shapes.teacher
