@@ -187,3 +187,53 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "not a distillation run" in err and err.count("\n") == 1
     assert ev.main(["compare", "--teacher", str(tmp_path), "--images-per-prompt", "1", "--out", str(tmp_path)]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def records(correct, category="counting", seed_offset=0):
+    """results.jsonl records: ``correct[e][i]`` is image i of eval entry e."""
+    return [{"entry": e, "seed": seed_offset + e + 100 * i, "category": category, "correct": bool(c)}
+            for e, row in enumerate(correct) for i, c in enumerate(row)]
+
+
+def test_paired_difference_of_a_uniform_gap_is_exact_with_a_point_interval():
+    d = ev.paired_difference(records([[1, 1]] * 5), records([[0, 1]] * 5), resamples=200)
+    # every prompt's gap is 1/2, so every resample's is too
+    assert d == {"difference": 0.5, "low": 0.5, "high": 0.5, "images": 10, "prompts": 5}
+
+
+def test_paired_difference_is_the_mean_of_category_differences_over_shared_images():
+    a = records([[1, 1], [1, 1]], "counting") + records([[0, 0]], "position", seed_offset=1000)
+    b = records([[0, 0], [0, 0]], "counting") + records([[0, 0]], "position", seed_offset=1000)
+    a += records([[1] * 4], "counting", seed_offset=5000)  # judged for A only: left out
+    d = ev.paired_difference(a, b, resamples=200)
+    # counting: +1 on 4 images; position: 0 on 2; overall is their mean, not the image mean (4/6)
+    assert d["difference"] == 0.5 and d["images"] == 6 and d["prompts"] == 2
+
+
+def test_paired_interval_matches_the_normal_approximation_over_prompts():
+    rng = np.random.default_rng(1)
+    a = (rng.random((400, 4)) < rng.random((400, 1))).astype(int)  # each prompt its own difficulty
+    b = (rng.random((400, 4)) < 0.4).astype(int)
+    d = ev.paired_difference(records(a), records(b), resamples=4000)
+    gaps = (a - b).mean(1)
+    half_width = 1.96 * gaps.std(ddof=1) / np.sqrt(len(gaps))
+    assert d["difference"] == pytest.approx(gaps.mean())
+    assert (d["high"] - d["low"]) / 2 == pytest.approx(half_width, rel=0.1)
+    assert d["low"] < gaps.mean() < d["high"]
+
+
+def test_paired_command_prints_the_gap_and_rejects_unpaired_input(tmp_path, capsys):
+    from zimagekit.shapes import teacher
+
+    for name, rows in (("a", records([[1, 1]] * 3)), ("b", records([[0, 1]] * 3)),
+                       ("c", records([[0, 1]] * 3, seed_offset=432))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert teacher.main(["paired", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out == "A - B: +50.0 points (95 % interval +50.0 to +50.0) on 6 paired images of 3 prompts\n"
+    for argv, message in ((["--b", str(tmp_path / "c")], "share no judged image"),
+                          (["--b", str(tmp_path / "b"), str(tmp_path / "b")], "judged twice"),
+                          (["--b", str(tmp_path / "missing")], "no results.jsonl")):
+        assert teacher.main(["paired", "--a", str(tmp_path / "a"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1

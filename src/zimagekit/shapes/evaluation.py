@@ -184,6 +184,58 @@ def format_metrics(row: dict) -> str:
     return "  ".join(f"{k} {fmt(row[k])}" for k in METRICS)
 
 
+def read_results(folders: list[Path]) -> list[dict]:
+    """The per-image records (results.jsonl) of evaluation folders, concatenated."""
+    records = []
+    for folder in folders:
+        path = Path(folder) / "results.jsonl"
+        if not path.is_file():
+            raise ZImageKitError(f"{folder}: no results.jsonl; write one with zimagekit shapes teacher evaluate "
+                                 f"MODEL --out {folder}")
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def paired_difference(a: list[dict], b: list[dict], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Overall judge accuracy of records ``a`` minus records ``b`` on the images both judged
+    (the same eval entry and seed: one prompt, one initial noise), with a 95 % bootstrap
+    interval. Like ``overall``, the difference is the mean of the categories' differences. The
+    bootstrap resamples prompts within each category, not images: a prompt's images are judged
+    on the same few objects, so they err together, and an interval over images would be too
+    narrow (docs/rl.md: one model moves 3.5 points between seed sets of 432 images)."""
+    def by_key(records, side):
+        keyed = {}
+        for r in records:
+            key = (r["entry"], r["seed"])
+            if key in keyed:
+                raise ZImageKitError(f"{side}: image (entry {key[0]}, seed {key[1]}) is judged twice; list each "
+                                     "evaluation folder once")
+            keyed[key] = r
+        return keyed
+
+    ka, kb = by_key(a, "the first models"), by_key(b, "the second models")
+    common = sorted(ka.keys() & kb.keys())
+    if not common:
+        raise ZImageKitError("the two sides share no judged image (the same eval entry and seed); evaluate them "
+                             "with the same --seed-offset and --prompts")
+    per_entry: dict[str, dict[int, list[float]]] = {}  # category -> entry -> [sum of differences, images]
+    for key in common:
+        cell = per_entry.setdefault(ka[key]["category"], {}).setdefault(key[0], [0.0, 0])
+        cell[0] += float(ka[key]["correct"]) - float(kb[key]["correct"])
+        cell[1] += 1
+    rng = np.random.default_rng(seed)
+    point, draws = [], []
+    for cells in per_entry.values():
+        diff, n = np.array(list(cells.values())).T
+        point.append(diff.sum() / n.sum())
+        idx = rng.integers(0, len(diff), (resamples, len(diff)))
+        draws.append(diff[idx].sum(1) / n[idx].sum(1))
+    overall = np.mean(draws, axis=0)
+    low, high = np.percentile(overall, [2.5, 97.5])
+    return {"difference": float(np.mean(point)), "low": float(low), "high": float(high), "images": len(common),
+            "prompts": len({key[0] for key in common})}
+
+
 # ----------------------------------------------------------------------------------------
 # One model, and a model over the checkpoints of a run
 # ----------------------------------------------------------------------------------------

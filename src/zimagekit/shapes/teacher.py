@@ -8,6 +8,7 @@ user's images. This module adds what only the shapes world has: its GenEval-styl
     zimagekit train --config configs/shapes/teacher.yaml [key=value ...]      # or: shapes teacher train
     zimagekit train export runs/shapes-teacher OUT_FOLDER                    # or: shapes teacher export
     python -m zimagekit.shapes.teacher evaluate MODEL_FOLDER --steps 50 --cfg-scale 3 --out docs/...
+    python -m zimagekit.shapes.teacher paired --a EVAL_DIR ... --b EVAL_DIR ...  # A - B, 95 % interval
     python -m zimagekit.shapes.teacher curve runs/shapes-teacher MODEL_FOLDER --out docs/...
     python -m zimagekit.shapes.teacher render runs/shapes-scenes --scenes 50000   # PNGs for other trainers
 """
@@ -30,7 +31,8 @@ from ..fileio import atomic_folder
 from ..image_training import ZImageTrainConfig, build_transformer, encoded_data, open_folder
 from ..runconfig import load_config
 from . import world
-from .evaluation import data_eval_set, evaluate_folder, format_metrics, learning_curve, measure, write_curves
+from .evaluation import (data_eval_set, evaluate_folder, format_metrics, learning_curve, measure, paired_difference,
+                         read_results, write_curves)
 
 TEACHER_SCENES = 1_000_000  # scene i of the teacher's data is world.sample_scene(TEACHER_SCENES + i): disjoint
 # from the VAE's training scenes
@@ -215,6 +217,13 @@ def main(argv=None) -> int:
     v.add_argument("--out", type=Path, help="folder for results.jsonl, summary.txt, metrics.json and grid.png")
     v.add_argument("--seed-offset", type=int, default=0, help="added to every seed; 432 (108 prompts x 4 images) "
                    "gives a disjoint set, to check a difference on fresh samples (default 0)")
+    a = sub.add_parser("paired", help="is model A ahead of model B? The overall accuracy difference on the images "
+                       "both evaluations judged (same prompt and seed), with a 95 %% interval that resamples prompts")
+    a.add_argument("--a", type=Path, nargs="+", required=True, metavar="EVAL_DIR",
+                   help="evaluate --out folders of model A, one per seed set (each holds results.jsonl)")
+    a.add_argument("--b", type=Path, nargs="+", required=True, metavar="EVAL_DIR",
+                   help="the same for model B; images are paired by prompt and seed, so the order does not matter")
+    a.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     c = sub.add_parser("curve", help="judge and measure every checkpoint of a run: curves.csv and curves.png")
     c.add_argument("run_dir", type=Path, help="the training run directory")
     c.add_argument("model", type=Path, help="a Z-Image model folder with the run's encoders and scheduler (e.g. "
@@ -252,6 +261,12 @@ def main(argv=None) -> int:
             compare_streams(args.runs, args.model, args.steps, args.cfg_scale, args.images_per_prompt, args.out,
                             args.prompts)
             print((args.out / "streams.md").read_text(), end="")
+        elif args.command == "paired":
+            if args.resamples < 100:
+                raise ZImageKitError(f"--resamples must be at least 100 for a 95 % interval, got {args.resamples}")
+            d = paired_difference(read_results(args.a), read_results(args.b), args.resamples)
+            print(f"A - B: {100 * d['difference']:+.1f} points (95 % interval {100 * d['low']:+.1f} to "
+                  f"{100 * d['high']:+.1f}) on {d['images']} paired images of {d['prompts']} prompts")
         elif args.command == "evaluate":
             report, row = evaluate_folder(args.model, args.steps, args.cfg_scale, args.images_per_prompt,
                                           args.out, combos=args.prompts, seed_offset=args.seed_offset)
