@@ -5,13 +5,16 @@
 # Every run starts from dmdr.student, the shipped shapes-turbo, unless it says otherwise. The
 # rows of docs/rl.md up to control_long started from the one of commit 033939c (docs/rl.md says
 # how to rerun from it); awr, awr_w3, awr_alone and control_long2 start from the export of
-# control_long (the shapes-turbo of commit 5db67df). The plots stage always redraws.
+# control_long (the shapes-turbo of commit 5db67df); awr2 and every stage after it start from the
+# export of awr_w3, runs/export/shapes-dmdr-awr-w3, whose transformer is byte-identical to the
+# shapes-turbo of commit 478e188 (so a copy of that folder stands in for it, which is how the
+# rows of 2026-12-05 ran). The plots stage always redraws.
 #   bash scripts/rl_shapes.sh            # everything
 #   STAGES="dmdr control" bash scripts/rl_shapes.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
-STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3 awr_alone seeds34 seen curves plots"}
+STAGES=${STAGES:-"baselines dmdr control dmdr_w2 hack hack_dm flow_grpo dpo dmdr_refl dmdr_dpo seeds2 dmdr_long control_long awr control_long2 awr_w3 awr_alone seeds34 seen curves awr2 control_b16 awr2_long awr_g8 control_b16_long seeds56 awr_g8_long rerun g8_curves g8_seed1 control_b16_seed1 plots"}
 out=docs/rl
 
 evaluate() {  # evaluate NAME FOLDER STEPS W [--seed-offset N | --prompts seen]
@@ -29,6 +32,24 @@ long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable,
   evaluate "$row-seeds2" "runs/export/$run" 8 0 --seed-offset 432
 }
 from_control_long=dmdr.student=runs/export/shapes-dmd-control-long
+from_awr_w3=dmdr.student=runs/export/shapes-dmdr-awr-w3  # the shapes-turbo of commit 478e188
+run_to() {  # run_to RUN STEPS [overrides...]: train (resumable) to trainer step STEPS, every 200th
+  # checkpoint kept; export to runs/export/RUN-STEPS. A later stage extends the same run.
+  local run=$1 steps=$2; shift 2
+  [ -d "runs/export/$run-$steps" ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml "run.name=$run" \
+      train.steps="$steps" train.ckpt_every=200 train.keep_last_ckpts=12 run.resume=true "$@" &&
+    python -m zimagekit rl export "runs/$run" "runs/export/$run-$steps"; }
+}
+six_seed_sets() {  # six_seed_sets ROW FOLDER: four_seed_sets and two fresh ones, 1728.. and 2160..
+  local row=$1 folder=$2
+  four_seed_sets "$row" "$folder"
+  for i in 5 6; do evaluate "$row-seeds$i" "$folder" 8 0 --seed-offset $(( (i - 1) * 432 )); done
+}
+four_seed_sets() {  # four_seed_sets ROW FOLDER: 8 NFE on seeds 0.., 432.., 864.. and 1296..
+  local row=$1 folder=$2
+  evaluate "$row" "$folder" 8 0
+  for i in 2 3 4; do evaluate "$row-seeds$i" "$folder" 8 0 --seed-offset $(( (i - 1) * 432 )); done
+}
 # The student the first rows started from: git worktree add /tmp/old 033939c
 old_turbo=${OLD_TURBO:-/tmp/old/src/zimagekit/models/shapes-turbo}
 train_export() {  # train_export RUN CONFIG [overrides...]
@@ -85,6 +106,41 @@ for stage in $STAGES; do
       evaluate awr-alone runs/export/shapes-awr-alone 8 0 ;;
     control_long2)  # their DMD-only control: 240 more updates of Decoupled-DMD from the same student
       long_run dmd-control-long2 shapes-dmd-control-long2 dmdr.rl_weight=0 $from_control_long ;;
+    awr2)  # from the shipped dmdr-awr-w3: 240 more updates of DMD + AWR, λ = 1
+      run_to shapes-dmdr-awr2 1200 dmdr.rl=awr dmdr.rl_weight=1 $from_awr_w3
+      four_seed_sets dmdr-awr2 runs/export/shapes-dmdr-awr2-1200 ;;
+    control_b16)  # its DMD-only control with as many samples per update as AWR's 4 prompts x 4:
+      # 16 prompts (the earlier controls drew 4, a quarter of their RL rows' DM batch)
+      run_to shapes-dmd-control-b16 1200 dmdr.rl_weight=0 train.batch_size=16 $from_awr_w3
+      four_seed_sets dmd-control-b16 runs/export/shapes-dmd-control-b16-1200 ;;
+    awr2_long)  # both runs extended to 480 updates (2,400 trainer steps; the learning rate is constant)
+      run_to shapes-dmdr-awr2 2400 dmdr.rl=awr dmdr.rl_weight=1 $from_awr_w3
+      four_seed_sets dmdr-awr2-2400 runs/export/shapes-dmdr-awr2-2400 ;;
+    awr_g8)  # AWR with groups of 8 samples of 2 prompts (the same 16 samples an update): fewer
+      # groups whose samples all score the same
+      run_to shapes-dmdr-awr-g8 1200 dmdr.rl=awr dmdr.rl_weight=1 dmdr.group_size=8 train.batch_size=2 $from_awr_w3
+      four_seed_sets dmdr-awr-g8 runs/export/shapes-dmdr-awr-g8-1200 ;;
+    seeds56)  # two fresh seed sets (1728.., 2160..) for the shipped student and the teacher: the
+      # shipped row was the best of three, so its four-set mean is biased upward
+      for name in dmdr-awr-w3:runs/export/shapes-dmdr-awr-w3:8:0 teacher-cpu:src/zimagekit/models/shapes-teacher:50:3; do
+        IFS=: read -r row folder steps w <<< "$name"
+        for offset in 5:1728 6:2160; do
+          evaluate "$row-seeds${offset%%:*}" "$folder" "$steps" "$w" --seed-offset "${offset#*:}"
+        done
+      done ;;
+    awr_g8_long)  # the best of them, awr_g8, extended to 2,400 trainer steps, on six seed sets
+      run_to shapes-dmdr-awr-g8 2400 dmdr.rl=awr dmdr.rl_weight=1 dmdr.group_size=8 train.batch_size=2 $from_awr_w3
+      six_seed_sets dmdr-awr-g8-2400 runs/export/shapes-dmdr-awr-g8-2400 ;;
+    control_b16_long)  # control_b16 extended to 2,400 trainer steps: the control for awr2_long and awr_g8_long
+      run_to shapes-dmd-control-b16 2400 dmdr.rl_weight=0 train.batch_size=16 $from_awr_w3
+      six_seed_sets dmd-control-b16-2400 runs/export/shapes-dmd-control-b16-2400 ;;
+    rerun)  # the 1,200-step exports of awr_g8 and control_b16 as awr_g8_long and control_b16_long
+      # re-trained them on a second machine, after a restart lost the first runs: the same
+      # commands, starting student and code. Two runs on one machine are bit-identical; runs on
+      # two machines are not, so these rows measure the training noise of one recipe. Run on
+      # one machine from the start, this stage judges the models of awr_g8 and control_b16 again.
+      six_seed_sets dmdr-awr-g8-rerun runs/export/shapes-dmdr-awr-g8-1200
+      six_seed_sets dmd-control-b16-rerun runs/export/shapes-dmd-control-b16-1200 ;;
     seeds2)     # the DMDR variants and the DMD control on the second seed set (seeds 432..)
       for name in dmd-control:shapes-dmd-control dmdr-grpo:shapes-dmdr dmdr-refl:shapes-dmdr-refl \
                   dmdr-dpo:shapes-dmdr-dpo student-shipped:; do
@@ -108,6 +164,16 @@ for stage in $STAGES; do
     curves)   # held-out accuracy, diversity and saturation at every checkpoint of the AWR runs and their control
       [ -f "$out/awr-curves/curves.csv" ] || python -m zimagekit.shapes.evaluation curves runs/shapes-dmdr-awr \
           runs/shapes-dmdr-awr-w3 runs/shapes-dmd-control-long2 --images-per-prompt 4 --out "$out/awr-curves" ;;
+    g8_seed1)  # awr_g8 with another training seed (run.seed=1): a third draw of that recipe
+      run_to shapes-dmdr-awr-g8-s1 1200 dmdr.rl=awr dmdr.rl_weight=1 dmdr.group_size=8 train.batch_size=2 \
+          run.seed=1 $from_awr_w3
+      four_seed_sets dmdr-awr-g8-s1 runs/export/shapes-dmdr-awr-g8-s1-1200 ;;
+    control_b16_seed1)  # and its control, control_b16, with run.seed=1
+      run_to shapes-dmd-control-b16-s1 1200 dmdr.rl_weight=0 train.batch_size=16 run.seed=1 $from_awr_w3
+      four_seed_sets dmd-control-b16-s1 runs/export/shapes-dmd-control-b16-s1-1200 ;;
+    g8_curves)  # held-out accuracy, diversity and saturation every 200 trainer steps of the two 2,400-step runs
+      [ -f "$out/g8-curves/curves.csv" ] || python -m zimagekit.shapes.evaluation curves runs/shapes-dmdr-awr-g8 \
+          runs/shapes-dmd-control-b16 --images-per-prompt 4 --out "$out/g8-curves" ;;
     plots)    # the training-reward figures of docs/rl.md, from the runs' metrics.csv
       python -m zimagekit plot runs/shapes-hack-rl-only runs/shapes-hack-with-dm --metric reward/mean --window 5 \
           --label "ReFL alone" --label "DMD + ReFL" -o "$out/hack-reward.png"
@@ -119,7 +185,9 @@ for stage in $STAGES; do
           --metric reward/flat_groups --metric awr_loss --window 10 --label "AWR, λ = 1" --label "AWR, λ = 3" \
           -o "$out/dmdr-awr-reward.png"
       python -m zimagekit plot runs/shapes-awr-alone runs/shapes-dmdr-awr --metric reward/mean --window 5 \
-          --label "AWR alone (no DM)" --label "DMD + AWR" -o "$out/awr-alone-reward.png" ;;
+          --label "AWR alone (no DM)" --label "DMD + AWR" -o "$out/awr-alone-reward.png"
+      python -m zimagekit plot runs/shapes-dmdr-awr-g8 --metric reward/mean --metric reward/flat_groups \
+          --metric awr_loss --window 20 -o "$out/dmdr-awr-g8-reward.png" ;;
     hack)     # the control of DMDR Fig. 4: ReFL on the hackable colour-mass reward, without DM
       train_export shapes-hack-rl-only configs/shapes/dmdr.yaml dmdr.rl=refl dmdr.dm_weight=0 dmdr.rl_weight=1 \
           dmdr.reward=zimagekit.shapes.rewards:ColourMassReward train.steps=200
