@@ -7,8 +7,8 @@
 # how to rerun from it); awr, awr_w3, awr_alone and control_long2 start from the export of
 # control_long (the shapes-turbo of commit 5db67df); awr2 and every stage after it start from the
 # export of awr_w3, runs/export/shapes-dmdr-awr-w3, whose transformer is byte-identical to the
-# shapes-turbo of commit 478e188 (so a copy of that folder stands in for it, which is how the
-# rows of 2026-12-05 ran). The plots stage always redraws.
+# shapes-turbo of commit 478e188 (so a copy of that folder stands in for it, as it did for the
+# -rerun and -s1 rows). The plots stage always redraws.
 #   bash scripts/rl_shapes.sh            # everything
 #   STAGES="dmdr control" bash scripts/rl_shapes.sh
 set -euo pipefail
