@@ -226,14 +226,18 @@ def test_paired_command_prints_the_gap_and_rejects_unpaired_input(tmp_path, caps
     from zimagekit.shapes import teacher
 
     for name, rows in (("a", records([[1, 1]] * 3)), ("b", records([[0, 1]] * 3)),
-                       ("c", records([[0, 1]] * 3, seed_offset=432))):
+                       ("c", records([[0, 1]] * 3, seed_offset=432)), ("d", [{"file_name": "0.png"}])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.jsonl").write_text(json.dumps(records([[1]])[0])[:20] + "\n")  # cut short
     assert teacher.main(["paired", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b")]) == 0
     assert capsys.readouterr().out == "A - B: +50.0 points (95 % interval +50.0 to +50.0) on 6 paired images of 3 prompts\n"
     for argv, message in ((["--b", str(tmp_path / "c")], "share no judged image"),
                           (["--b", str(tmp_path / "b"), str(tmp_path / "b")], "judged twice"),
-                          (["--b", str(tmp_path / "missing")], "no results.jsonl")):
+                          (["--b", str(tmp_path / "missing")], "no results.jsonl"),
+                          (["--b", str(tmp_path / "d")], "needs 'entry'"),
+                          (["--b", str(tmp_path / "e")], "results.jsonl:1: not valid JSON")):
         assert teacher.main(["paired", "--a", str(tmp_path / "a"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -192,7 +192,16 @@ def read_results(folders: list[Path]) -> list[dict]:
         if not path.is_file():
             raise ZImageKitError(f"{folder}: no results.jsonl; write one with zimagekit shapes teacher evaluate "
                                  f"MODEL --out {folder}")
-        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise ZImageKitError(f"{path}:{n}: not valid JSON ({e.msg}); evaluate the model again") from None
+            if record is not None:
+                if not (isinstance(record, dict) and {"entry", "seed", "category", "correct"} <= record.keys()):
+                    raise ZImageKitError(f"{path}:{n}: a judged image needs 'entry', 'seed', 'category' and "
+                                         "'correct'; is this an evaluate --out folder?")
+                records.append(record)
     return records
 
 
