@@ -28,8 +28,7 @@ long_run() {  # long_run ROW RUN [overrides...]: 240 student updates, resumable,
   [ -d "runs/export/$run" ] || { python -m zimagekit rl --config configs/shapes/dmdr.yaml "run.name=$run" \
       train.steps=1200 train.ckpt_every=200 train.keep_last_ckpts=6 run.resume=true "$@" &&
     python -m zimagekit rl export "runs/$run" "runs/export/$run"; }
-  evaluate "$row" "runs/export/$run" 8 0
-  evaluate "$row-seeds2" "runs/export/$run" 8 0 --seed-offset 432
+  seed_sets "$row" "runs/export/$run" 8 0 1 2
 }
 from_control_long=dmdr.student=runs/export/shapes-dmd-control-long
 from_awr_w3=dmdr.student=runs/export/shapes-dmdr-awr-w3  # the shapes-turbo of commit 478e188
@@ -40,16 +39,14 @@ run_to() {  # run_to RUN STEPS [overrides...]: train (resumable) to trainer step
       train.steps="$steps" train.ckpt_every=200 train.keep_last_ckpts=12 run.resume=true "$@" &&
     python -m zimagekit rl export "runs/$run" "runs/export/$run-$steps"; }
 }
-six_seed_sets() {  # six_seed_sets ROW FOLDER: four_seed_sets and two fresh ones, 1728.. and 2160..
-  local row=$1 folder=$2
-  four_seed_sets "$row" "$folder"
-  for i in 5 6; do evaluate "$row-seeds$i" "$folder" 8 0 --seed-offset $(( (i - 1) * 432 )); done
+seed_sets() {  # seed_sets ROW FOLDER STEPS W I...: seed set I (seeds (I-1)*432..) as ROW, or ROW-seedsI
+  local row=$1 folder=$2 steps=$3 w=$4 i; shift 4
+  for i in "$@"; do
+    evaluate "$row$([ "$i" = 1 ] || echo "-seeds$i")" "$folder" "$steps" "$w" --seed-offset $(( (i - 1) * 432 ))
+  done
 }
-four_seed_sets() {  # four_seed_sets ROW FOLDER: 8 NFE on seeds 0.., 432.., 864.. and 1296..
-  local row=$1 folder=$2
-  evaluate "$row" "$folder" 8 0
-  for i in 2 3 4; do evaluate "$row-seeds$i" "$folder" 8 0 --seed-offset $(( (i - 1) * 432 )); done
-}
+four_seed_sets() { seed_sets "$1" "$2" 8 0 1 2 3 4; }  # four_seed_sets ROW FOLDER: 8 NFE, seed sets 1-4
+six_seed_sets() { seed_sets "$1" "$2" 8 0 1 2 3 4 5 6; }  # ... and two fresh ones, 1728.. and 2160..
 # The student the first rows started from: git worktree add /tmp/old 033939c
 old_turbo=${OLD_TURBO:-/tmp/old/src/zimagekit/models/shapes-turbo}
 train_export() {  # train_export RUN CONFIG [overrides...]
@@ -122,12 +119,8 @@ for stage in $STAGES; do
       four_seed_sets dmdr-awr-g8 runs/export/shapes-dmdr-awr-g8-1200 ;;
     seeds56)  # two fresh seed sets (1728.., 2160..) for the shipped student and the teacher: the
       # shipped row was the best of three, so its four-set mean is biased upward
-      for name in dmdr-awr-w3:runs/export/shapes-dmdr-awr-w3:8:0 teacher-cpu:src/zimagekit/models/shapes-teacher:50:3; do
-        IFS=: read -r row folder steps w <<< "$name"
-        for offset in 5:1728 6:2160; do
-          evaluate "$row-seeds${offset%%:*}" "$folder" "$steps" "$w" --seed-offset "${offset#*:}"
-        done
-      done ;;
+      seed_sets dmdr-awr-w3 runs/export/shapes-dmdr-awr-w3 8 0 5 6
+      seed_sets teacher-cpu src/zimagekit/models/shapes-teacher 50 3 5 6 ;;
     awr_g8_long)  # the best of them, awr_g8, extended to 2,400 trainer steps, on six seed sets
       run_to shapes-dmdr-awr-g8 2400 dmdr.rl=awr dmdr.rl_weight=1 dmdr.group_size=8 train.batch_size=2 $from_awr_w3
       six_seed_sets dmdr-awr-g8-2400 runs/export/shapes-dmdr-awr-g8-2400 ;;
@@ -146,16 +139,14 @@ for stage in $STAGES; do
                   dmdr-dpo:shapes-dmdr-dpo student-shipped:; do
         folder=runs/export/${name#*:}
         [ -n "${name#*:}" ] || folder=$old_turbo
-        evaluate "${name%%:*}-seeds2" "$folder" 8 0 --seed-offset 432
+        seed_sets "${name%%:*}" "$folder" 8 0 2
       done ;;
     seeds34)  # two more seed sets (864.., 1296..) for the AWR rows, their control, the shipped student and the teacher
       for name in dmdr-awr:shapes-dmdr-awr dmdr-awr-w3:shapes-dmdr-awr-w3 dmd-control-long2:shapes-dmd-control-long2 \
                   dmd-control-long:shapes-dmd-control-long teacher-cpu:; do
         folder=runs/export/${name#*:} steps=8 w=0
         [ -n "${name#*:}" ] || { folder=src/zimagekit/models/shapes-teacher steps=50 w=3; }
-        for offset in 3:864 4:1296; do
-          evaluate "${name%%:*}-seeds${offset%%:*}" "$folder" $steps $w --seed-offset "${offset#*:}"
-        done
+        seed_sets "${name%%:*}" "$folder" $steps $w 3 4
       done ;;
     seen)     # the same rows on the seen-pairs twin of the prompts: unlearnt or ungeneralised?
       evaluate dmdr-awr-seen runs/export/shapes-dmdr-awr 8 0 --prompts seen
